@@ -1,0 +1,41 @@
+# Two commands set everything up (see README.md):
+#   make run    create .venv, install, run the main job
+#   make test   create or reuse .venv, install the test extra, run the tests
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# The PyTorch release the project is tested with; pip picks the build for your platform.
+TORCH ?= torch==2.13.0
+NOTEBOOKS := $(sorted $(wildcard notebooks/*.ipynb))
+
+.PHONY: run test lint notebooks clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+# Installing torch on its own first pins the release; the other packages then accept it as it is.
+$(VENV)/.installed: $(BIN)/python pyproject.toml requirements.txt
+	$(BIN)/python -m pip install "$(TORCH)"
+	$(BIN)/python -m pip install -r requirements.txt -e .
+	touch $@
+
+$(VENV)/.installed-test: $(BIN)/python pyproject.toml
+	$(BIN)/python -m pip install "$(TORCH)"
+	$(BIN)/python -m pip install -e ".[test]"
+	touch $@
+
+run: notebooks
+
+# Execute every notebook top to bottom (full mode unless LLM_SCRATCH_QUICK=1); executed copies go to runs/.
+notebooks: $(VENV)/.installed
+	$(BIN)/jupyter nbconvert --to notebook --execute --output-dir runs/notebooks $(NOTEBOOKS)
+
+test: $(VENV)/.installed-test
+	$(BIN)/python -m ruff check .
+	$(BIN)/python -m pytest
+
+lint: $(VENV)/.installed-test
+	$(BIN)/python -m ruff check .
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache .ruff_cache
