@@ -39,7 +39,7 @@ class GELU(nn.Module):
 
 
 class FeedForward(nn.Module):
-    """Two linear layers around a GELU, applied to each token on its own: emb_dim -> 4 * emb_dim -> emb_dim."""
+    """Two linear layers around a GELU, applied to each token alone: emb_dim -> 4 * emb_dim -> emb_dim."""
 
     def __init__(self, cfg: GPTConfig) -> None:
         super().__init__()
