@@ -1,0 +1,381 @@
+"""The SMS Spam Collection pipeline: parser, counts, balance and split, download, dataset and collate."""
+
+from __future__ import annotations
+
+import functools
+import http.server
+import io
+import socket
+import threading
+import time
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from llm_scratch import spam
+from llm_scratch.tokenizer import EOS_ID, get_tokenizer
+
+REAL_FILE = Path(__file__).resolve().parents[2] / "shared" / "data" / "sms_spam" / "SMSSpamCollection"
+needs_real_file = pytest.mark.skipif(not REAL_FILE.is_file(),
+                                     reason=f"the real data set is not at {REAL_FILE}")
+
+SAMPLE_COUNTS = (130, 60)  # the bundled sample: 70 ham + 60 spam
+
+
+# --------------------------------------------------------------------------------------------------------
+# Parser
+# --------------------------------------------------------------------------------------------------------
+
+def test_parser_keeps_quotes_and_whitespace_and_handles_line_endings():
+    text = ('ham\tHe said "see you at 5" and left\r\n'
+            'spam\t"FREE" prize, call now\n'
+            '\n'
+            'ham\t  spaces kept  \n'
+            'ham\tone\u2028line with a line separator inside\n')
+    rows = spam.parse_sms_spam(text)
+    assert rows == [
+        spam.SpamRow('He said "see you at 5" and left', 0),
+        spam.SpamRow('"FREE" prize, call now', 1),
+        spam.SpamRow("  spaces kept  ", 0),
+        spam.SpamRow("one\u2028line with a line separator inside", 0),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("bad_line", "message"),
+    [("ham no tab here", "no TAB"), ("junk\tsome text", "label must be one of"), ("spam\t   ", "empty")],
+)
+def test_parser_bad_line_names_its_line_number(bad_line: str, message: str):
+    text = f"ham\tfirst\nspam\tsecond\n{bad_line}\nham\tfourth\n"
+    with pytest.raises(ValueError, match=rf"my\.tsv, line 3: .*{message}"):
+        spam.parse_sms_spam(text, "my.tsv")
+
+
+def test_read_reports_invalid_utf8_with_line_number(tmp_path: Path):
+    path = tmp_path / "SMSSpamCollection"
+    path.write_bytes(b"ham\tfine\nspam\tbroken \xff byte\n")
+    with pytest.raises(ValueError, match=r"line 2: not valid UTF-8"):
+        spam.read_sms_spam(path)
+
+
+def test_read_missing_file_says_what_to_pass(tmp_path: Path):
+    with pytest.raises(FileNotFoundError, match="SMSSpamCollection file or the UCI zip"):
+        spam.read_sms_spam(tmp_path / "nope.zip")
+
+
+def test_sample_counts_and_format():
+    rows = spam.load_sample()
+    assert (len(rows), sum(row.label for row in rows)) == SAMPLE_COUNTS
+    assert len({row.text for row in rows}) == len(rows)  # no duplicates that could leak across splits
+    assert sum('"' in row.text for row in rows) >= 3
+    assert spam.LABELS == ("ham", "spam") and spam.LABEL_IDS == {"ham": 0, "spam": 1}
+
+
+def test_check_counts():
+    rows = spam.load_sample()
+    spam.check_counts(rows, SAMPLE_COUNTS, "sample")
+    spam.check_counts(rows, None, "sample")
+    with pytest.raises(ValueError, match=r"holds 130 messages \(60 spam\).*5,574 \(747 spam\)"):
+        spam.check_counts(rows, spam.EXPECTED_COUNTS, "sample")
+
+
+# --------------------------------------------------------------------------------------------------------
+# Balance, split, CSV files
+# --------------------------------------------------------------------------------------------------------
+
+def test_sample_balance_and_split_sizes(tmp_path: Path):
+    splits = spam.load_spam_splits(tmp_path, quick=True, seed=123)
+    # 60 spam + 60 of 70 ham = 120 -> int(84.0) / int(12.0) / the remaining 24
+    assert [len(part) for part in splits] == [84, 12, 24]
+    everything = [row for part in splits for row in part]
+    assert sum(row.label for row in everything) == 60
+    assert len({row.text for row in everything}) == 120  # no message in two splits
+    assert set(everything) <= set(spam.load_sample())
+    # Quick mode writes its CSVs into a subfolder, never over the real data set's splits.
+    written = sorted(p.name for p in (tmp_path / "quick").iterdir())
+    assert written == ["test.csv", "train.csv", "validation.csv"]
+    assert not (tmp_path / "train.csv").exists()
+    assert spam.read_split_csv(tmp_path / "quick" / "test.csv") == splits.test
+
+
+def test_quick_mode_follows_the_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("LLM_SCRATCH_QUICK", "1")
+    splits = spam.load_spam_splits(tmp_path, write_csv=False)
+    assert [len(part) for part in splits] == [84, 12, 24]
+    assert not any(tmp_path.iterdir())
+
+
+def test_split_is_deterministic_for_a_seed_and_differs_for_another():
+    rows = spam.load_sample()
+    first = spam.split(spam.balance(rows, seed=123), seed=123)
+    again = spam.split(spam.balance(rows, seed=123), seed=123)
+    other = spam.split(spam.balance(rows, seed=7), seed=7)
+    assert first == again
+    assert first.train != other.train
+    assert [len(part) for part in other] == [84, 12, 24]
+
+
+def test_balance_needs_both_classes():
+    with pytest.raises(ValueError, match="0 spam"):
+        spam.balance([spam.SpamRow("hello", 0), spam.SpamRow("hi", 0)])
+
+
+def test_csv_round_trip_with_quotes_and_commas(tmp_path: Path):
+    rows = [spam.SpamRow('He said "hi", then left', 0), spam.SpamRow("WIN, WIN; £100 \"now\"", 1)]
+    path = spam.write_split_csv(rows, tmp_path / "train.csv")
+    assert path.read_text(encoding="utf-8").splitlines()[0] == "text,label"
+    assert spam.read_split_csv(path) == rows
+    assert [p.name for p in tmp_path.iterdir()] == ["train.csv"]  # no temporary file left behind
+
+
+def test_csv_reader_rejects_a_bad_label(tmp_path: Path):
+    path = tmp_path / "bad.csv"
+    path.write_text("text,label\nhello,0\nworld,2\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"bad\.csv, line 3"):
+        spam.read_split_csv(path)
+
+
+@needs_real_file
+def test_real_file_counts_balance_and_split(tmp_path: Path):
+    rows = spam.read_sms_spam(REAL_FILE)
+    assert len(rows) == 5574
+    assert sum(row.label for row in rows) == 747
+    # Quotes are kept: the parser sees every `"` of the file (a csv reader with quoting would merge lines).
+    assert sum(row.text.count('"') for row in rows) == REAL_FILE.read_text(encoding="utf-8").count('"')
+    balanced = spam.balance(rows, seed=123)
+    assert len(balanced) == 1494 and sum(row.label for row in balanced) == 747
+
+    splits = spam.load_spam_splits(tmp_path, source=REAL_FILE, seed=123)
+    assert [len(part) for part in splits] == [1045, 149, 300]
+    assert spam.load_spam_splits(tmp_path / "again", source=REAL_FILE, seed=123) == splits
+    assert spam.load_spam_splits(tmp_path / "other", source=REAL_FILE, seed=124).train != splits.train
+    for name, part in zip(spam.SPLIT_NAMES, splits, strict=True):
+        assert spam.read_split_csv(tmp_path / f"{name}.csv") == part
+
+    # The UCI zip works as a source too.
+    zip_path = tmp_path / "sms+spam+collection.zip"
+    with zipfile.ZipFile(zip_path, "w", zipfile.ZIP_DEFLATED) as archive:
+        archive.write(REAL_FILE, "SMSSpamCollection")
+        archive.writestr("readme", "not the data")
+    assert spam.read_sms_spam(zip_path) == rows
+
+
+# --------------------------------------------------------------------------------------------------------
+# Download from a real HTTP server on 127.0.0.1
+# --------------------------------------------------------------------------------------------------------
+
+def _zip_bytes(data: bytes, member: str = "SMSSpamCollection") -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr("readme", "SMS spam test zip")
+        archive.writestr(member, data)
+    return buffer.getvalue()
+
+
+def _sample_bytes() -> bytes:
+    return (Path(spam.__file__).parent / "data" / "sms_spam_sample.tsv").read_bytes()
+
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    """Serves `self.server.routes`: path -> (body, announced length or None, seconds to wait first)."""
+
+    def do_GET(self):  # noqa: N802 (the name http.server calls)
+        route = self.server.routes.get(self.path)
+        if route is None:
+            self.send_error(404)
+            return
+        body, announced, delay = route
+        time.sleep(delay)
+        self.send_response(200)
+        self.send_header("Content-Type", "application/zip")
+        self.send_header("Content-Length", str(len(body) if announced is None else announced))
+        self.end_headers()
+        try:
+            self.wfile.write(body)
+        except (BrokenPipeError, ConnectionResetError):  # the client gave up (its timeout)
+            pass
+
+    def log_message(self, *args):  # keep pytest's output clean
+        pass
+
+
+@pytest.fixture
+def server():
+    """A threaded HTTP server on 127.0.0.1; tests fill `server.routes` and build URLs with `server.url`."""
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+    httpd.daemon_threads = True
+    httpd.routes = {}
+    httpd.url = lambda path: f"http://127.0.0.1:{httpd.server_address[1]}{path}"
+    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    yield httpd
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def _dead_url() -> str:
+    """A URL on a port where nothing listens: the connection is refused at once."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    return f"http://127.0.0.1:{port}/sms.zip"
+
+
+download = functools.partial(spam.download_sms_spam, timeout=5.0, retry_delay=0.0, progress=False,
+                             expected_counts=SAMPLE_COUNTS)
+
+
+def test_download_success_then_cached(server, tmp_path: Path):
+    server.routes["/sms.zip"] = (_zip_bytes(_sample_bytes()), None, 0.0)
+    cache = tmp_path / "cache"
+    path = download(cache, [server.url("/sms.zip")])
+    assert path == cache / "SMSSpamCollection"
+    assert path.read_bytes() == _sample_bytes()
+    assert [p.name for p in cache.iterdir()] == ["SMSSpamCollection"]  # the zip and temporaries are gone
+    # Once cached, no network is needed.
+    assert download(cache, [_dead_url()]) == path
+
+
+def test_download_uses_the_mirror_when_the_first_url_is_down(server, tmp_path: Path):
+    server.routes["/mirror.zip"] = (_zip_bytes(_sample_bytes()), None, 0.0)
+    path = download(tmp_path, [_dead_url(), server.url("/missing.zip"), server.url("/mirror.zip")])
+    assert spam.read_sms_spam(path) == spam.load_sample()
+
+
+def test_download_urls_from_the_environment(server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    server.routes["/env.zip"] = (_zip_bytes(_sample_bytes()), None, 0.0)
+    dead = _dead_url()
+    monkeypatch.setenv(spam.URLS_ENV, f" {dead} , {server.url('/env.zip')} ,")
+    assert spam.download_urls() == [dead, server.url("/env.zip")]
+    assert spam.download_urls(["http://example.invalid/a.zip"]) == ["http://example.invalid/a.zip"]
+    monkeypatch.setenv(spam.URLS_ENV, server.url("/env.zip"))
+    splits = spam.load_spam_splits(tmp_path, quick=False, expected_counts=SAMPLE_COUNTS)
+    assert [len(part) for part in splits] == [84, 12, 24]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["SMSSpamCollection", "test.csv", "train.csv",
+                                                          "validation.csv"]
+    monkeypatch.delenv(spam.URLS_ENV)
+    assert spam.download_urls()[0] == spam.UCI_URL
+
+
+def _corrupt(data: bytes) -> bytes:
+    """The zip with bytes in the middle of the compressed data flipped: its CRC check must fail."""
+    middle = len(data) // 3
+    return data[:middle] + bytes(b ^ 0xFF for b in data[middle:middle + 64]) + data[middle + 64:]
+
+
+@pytest.mark.parametrize(
+    ("body", "announced", "expected"),
+    [
+        pytest.param("corrupt", None, "not a readable zip file|not a zip", id="corrupt"),
+        pytest.param("truncated", None, "not a zip file", id="truncated"),
+        pytest.param("cut", "full", "IncompleteRead|stopped after", id="connection-cut"),
+        pytest.param("no-member", None, "holds no 'SMSSpamCollection'", id="wrong-zip"),
+        pytest.param("bad-counts", None, "holds 3 messages", id="wrong-counts"),
+        pytest.param("not-zip", None, "not a zip file", id="html-page"),
+    ],
+)
+def test_download_failure_is_clear_and_leaves_the_cache_empty(server, tmp_path: Path, body: str,
+                                                              announced: str | None, expected: str):
+    good = _zip_bytes(_sample_bytes())
+    bodies = {
+        "corrupt": _corrupt(good),
+        "truncated": good[: len(good) // 2],
+        "cut": good[: len(good) // 2],
+        "no-member": _zip_bytes(_sample_bytes(), member="other.txt"),
+        "bad-counts": _zip_bytes(b"ham\ta\nham\tb\nspam\tc\n"),
+        "not-zip": b"<html>Service unavailable</html>",
+    }
+    server.routes["/sms.zip"] = (bodies[body], len(good) if announced == "full" else None, 0.0)
+    cache = tmp_path / "cache"
+    url = server.url("/sms.zip")
+    with pytest.raises(RuntimeError) as info:
+        download(cache, [url])
+    message = str(info.value)
+    assert f"{url} (try 1)" in message and f"{url} (try 2)" in message  # one retry
+    assert any(part in message for part in expected.split("|")), message
+    assert "LLM_SCRATCH_SMS_URLS" in message and "LLM_SCRATCH_QUICK=1" in message and "--data PATH" in message
+    assert list(cache.iterdir()) == []  # no half file, no temporary file
+
+
+def test_download_times_out_and_names_every_url(server, tmp_path: Path):
+    server.routes["/slow.zip"] = (_zip_bytes(_sample_bytes()), None, 2.0)
+    dead = _dead_url()
+    start = time.perf_counter()
+    with pytest.raises(RuntimeError) as info:
+        spam.download_sms_spam(tmp_path, [server.url("/slow.zip"), dead], timeout=0.3, retry_delay=0.0,
+                               progress=False, expected_counts=SAMPLE_COUNTS)
+    assert time.perf_counter() - start < 1.9  # gave up on the slow server instead of waiting for it
+    message = str(info.value)
+    assert "timed out" in message
+    assert message.count(server.url("/slow.zip")) == 2 and message.count(dead) == 2
+    assert list(tmp_path.iterdir()) == []
+
+
+@needs_real_file
+def test_download_checks_the_real_counts(server, tmp_path: Path):
+    server.routes["/uci.zip"] = (_zip_bytes(REAL_FILE.read_bytes()), None, 0.0)
+    path = spam.download_sms_spam(tmp_path, [server.url("/uci.zip")], retry_delay=0.0, progress=True)
+    assert path.read_bytes() == REAL_FILE.read_bytes()
+
+
+# --------------------------------------------------------------------------------------------------------
+# Dataset and collate
+# --------------------------------------------------------------------------------------------------------
+
+ROWS = [("Hi", 0), ("Are we still on for lunch tomorrow at noon?", 0), ("WIN a FREE prize! Call now", 1)]
+
+
+def test_dataset_encodes_and_keeps_lengths():
+    tokenizer = get_tokenizer()
+    encoded = [tokenizer.encode_ordinary(text) for text, _ in ROWS]
+    dataset = spam.SpamDataset(ROWS)
+    assert len(dataset) == 3
+    assert dataset.max_length == max(len(ids) for ids in encoded) == 10
+    assert dataset.lengths == [len(ids) for ids in encoded] == [1, 10, 7]
+    ids, label = dataset[2]
+    assert ids.dtype == torch.long and ids.tolist() == encoded[2] and label == 1
+
+
+def test_dataset_truncates_to_max_length_and_context_length():
+    dataset = spam.SpamDataset(ROWS, max_length=5)
+    assert dataset.lengths == [1, 5, 5]
+    assert dataset[1][0].tolist() == get_tokenizer().encode_ordinary(ROWS[1][0])[:5]
+    assert spam.SpamDataset(ROWS, context_length=4).max_length == 4  # never over the model's context
+    with pytest.raises(ValueError, match="context_length"):
+        spam.SpamDataset(ROWS, max_length=20, context_length=16)
+    with pytest.raises(ValueError, match="at least one message"):
+        spam.SpamDataset([])
+
+
+def test_dataset_reads_endoftext_in_a_message_as_text():
+    dataset = spam.SpamDataset([("free <|endoftext|> prize", 1)])
+    assert EOS_ID not in dataset[0][0].tolist()
+
+
+def test_collate_pads_to_the_longest_message_of_the_batch():
+    dataset = spam.SpamDataset(ROWS)
+    batch = spam.collate_spam([dataset[0], dataset[2]])
+    assert batch.input_ids.shape == (2, 7)  # the longer of 1 and 7 tokens, not the data set's 10
+    assert batch.lengths.tolist() == [1, 7] and batch.labels.tolist() == [0, 1]
+    assert batch.input_ids[0, 1:].tolist() == [EOS_ID] * 6
+    assert batch.input_ids[0, 0].item() == dataset[0][0].item()
+    assert batch.input_ids[1].tolist() == dataset[2][0].tolist()
+    # The last real token sits at lengths - 1.
+    last = batch.input_ids[torch.arange(2), batch.lengths - 1]
+    assert last.tolist() == [dataset[0][0][-1].item(), dataset[2][0][-1].item()]
+
+
+def test_collate_fixed_length_padding_in_a_dataloader():
+    dataset = spam.SpamDataset(ROWS)
+    loader = DataLoader(dataset, batch_size=2, shuffle=False,
+                        collate_fn=functools.partial(spam.collate_spam, pad_to=16))
+    batches = list(loader)
+    assert [tuple(b.input_ids.shape) for b in batches] == [(2, 16), (1, 16)]
+    assert batches[0].lengths.tolist() == [1, 10]
+    assert (batches[1].input_ids[0, 7:] == EOS_ID).all() and (batches[1].input_ids[0, :7] != EOS_ID).all()
+    assert batches[0].input_ids.dtype == batches[0].lengths.dtype == batches[0].labels.dtype == torch.long
+    with pytest.raises(ValueError, match="pad_to=4 is shorter"):
+        spam.collate_spam([dataset[1]], pad_to=4)
