@@ -1,5 +1,5 @@
 # Two commands set everything up (see README.md):
-#   make run    create .venv, install, run the main job
+#   make run    create .venv, install, run the main job (LoRA fine-tuning; ARGS=--quick for quick mode)
 #   make test   create or reuse .venv, install the test extra, run the tests
 PYTHON ?= python3
 VENV ?= .venv
@@ -24,7 +24,10 @@ $(VENV)/.installed-test: $(BIN)/python pyproject.toml
 	$(BIN)/python -m pip install -e ".[test]"
 	touch $@
 
-run: notebooks
+# The main job: LoRA fine-tuning of GPT-2 124M on the SMS Spam Collection (`make run ARGS=--quick`: no network).
+ARGS ?=
+run: $(VENV)/.installed
+	$(BIN)/python -m llm_scratch finetune --method lora --model gpt2-small --epochs 5 --out runs/lora $(ARGS)
 
 # Execute every notebook top to bottom (full mode unless LLM_SCRATCH_QUICK=1); executed copies go to runs/.
 notebooks: $(VENV)/.installed

@@ -43,3 +43,64 @@ def save_figure(fig, name: str, folder: str | Path | None = None) -> Path:
     path = folder / name
     fig.savefig(path, dpi=150, bbox_inches="tight")
     return path
+
+
+def plot_losses(history, title: str = "", examples: bool = False):
+    """Training loss of every step (faint), and training and validation loss at each evaluation.
+
+    The x-axis counts examples seen when `examples` is True, else epochs (fractional).
+    """
+    fig, ax = new_figure()
+    per_epoch = history.step_examples[-1] / max(len(history.epoch_val_accuracy), 1)
+
+    def x_of(step_examples):  # examples seen -> the chosen x-axis
+        return step_examples if examples else [n / per_epoch for n in step_examples]
+
+    ax.plot(x_of(history.step_examples), history.step_loss, color=COLORS["train"], alpha=0.25, lw=1,
+            label="training loss (each step)")
+    ax.plot(x_of(history.eval_examples), history.eval_train_loss, color=COLORS["train"], marker="o", ms=3,
+            label="training loss")
+    ax.plot(x_of(history.eval_examples), history.eval_val_loss, color=COLORS["validation"], marker="o", ms=3,
+            label="validation loss")
+    ax.set_xlabel("examples seen" if examples else "epochs")
+    ax.set_ylabel("cross-entropy loss")
+    ax.set_title(title or "Loss")
+    ax.legend()
+    return fig
+
+
+def plot_accuracy(history, title: str = ""):
+    """Training and validation accuracy after each epoch."""
+    fig, ax = new_figure()
+    epochs = range(1, len(history.epoch_val_accuracy) + 1)
+    ax.plot(epochs, [100 * a for a in history.epoch_train_accuracy], color=COLORS["train"], marker="o",
+            label="training (a few batches)")
+    ax.plot(epochs, [100 * a for a in history.epoch_val_accuracy], color=COLORS["validation"], marker="o",
+            label="validation")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_xticks(list(epochs))
+    ax.set_title(title or "Accuracy")
+    ax.legend()
+    return fig
+
+
+def plot_comparison(results: dict[str, dict], title: str = ""):
+    """Bars per method: trainable parameters (log scale), test accuracy and training time."""
+    methods = list(results)
+    colors = [COLORS.get(m, "gray") for m in methods]
+    fig, axes = new_figure(1, 3, figsize=(11, 3.6))
+    panels = [
+        ("trainable parameters", [results[m]["trainable_parameters"] for m in methods], "{:,.0f}"),
+        ("test accuracy (%)", [100 * results[m]["test_accuracy"] for m in methods], "{:.1f}"),
+        ("training time (s)", [results[m]["train_time_s"] for m in methods], "{:.0f}"),
+    ]
+    for ax, (label, values, fmt) in zip(axes, panels, strict=True):
+        bars = ax.bar(methods, values, color=colors)
+        ax.bar_label(bars, labels=[fmt.format(v) for v in values], fontsize=8)
+        ax.set_title(label)
+        ax.grid(axis="x", visible=False)
+    axes[0].set_yscale("log")
+    fig.suptitle(title or "Fine-tuning methods compared")
+    fig.tight_layout()
+    return fig

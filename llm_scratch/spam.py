@@ -14,6 +14,7 @@ Where the data comes from, first match wins:
 from __future__ import annotations
 
 import csv
+import functools
 import http.client
 import os
 import random
@@ -29,7 +30,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 
 from llm_scratch.config import quick_mode
 from llm_scratch.tokenizer import EOS_ID, get_tokenizer
@@ -492,3 +493,34 @@ __all__ = [
     "write_split_csv",
     "write_splits",
 ]
+
+
+class SpamLoaders(NamedTuple):
+    """DataLoaders of the three splits; `max_length` is the training set's, shared by all three."""
+
+    train: DataLoader
+    validation: DataLoader
+    test: DataLoader
+    max_length: int
+
+
+def spam_dataloaders(splits: SpamSplits, *, batch_size: int = 8, context_length: int = 1024,
+                     max_length: int | None = None, pad_to: int | None = None, seed: int = 123,
+                     tokenizer=None) -> SpamLoaders:
+    """DataLoaders for training (shuffled with `seed`) and evaluation, padding each batch dynamically.
+
+    `pad_to` pads every batch to that many tokens instead (the fixed padding of other courses).
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    train = SpamDataset(splits.train, tokenizer, max_length, context_length)
+    validation = SpamDataset(splits.validation, tokenizer, train.max_length, context_length)
+    test = SpamDataset(splits.test, tokenizer, train.max_length, context_length)
+    collate = functools.partial(collate_spam, pad_to=pad_to)
+    generator = torch.Generator().manual_seed(seed)
+    return SpamLoaders(
+        train=DataLoader(train, batch_size, shuffle=True, generator=generator, collate_fn=collate),
+        validation=DataLoader(validation, batch_size, collate_fn=collate),
+        test=DataLoader(test, batch_size, collate_fn=collate),
+        max_length=train.max_length,
+    )

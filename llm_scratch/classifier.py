@@ -1,0 +1,97 @@
+"""Turn GPT-2 into a classifier: a small head on the last real token, its loss, accuracy and `classify`."""
+
+from __future__ import annotations
+
+import tiktoken
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from llm_scratch.model import GPTModel
+from llm_scratch.tokenizer import get_tokenizer
+
+
+def add_classification_head(model: GPTModel, num_classes: int = 2, seed: int = 123) -> GPTModel:
+    """Replace the vocabulary head (emb_dim -> 50,257) by a new `Linear(emb_dim, num_classes)`, in place.
+
+    The new head has a bias and is no longer tied to the token embedding. `seed` fixes its random init.
+    """
+    weight = model.tok_emb.weight
+    with torch.random.fork_rng(devices=[]):  # seed the head without touching the caller's random state
+        torch.manual_seed(seed)
+        head = nn.Linear(model.cfg.emb_dim, num_classes)
+    model.out_head = head.to(device=weight.device, dtype=weight.dtype)
+    return model
+
+
+def last_token_logits(logits: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """The logits at each sequence's last real token: (batch, n_tokens, classes) -> (batch, classes).
+
+    With causal attention the last real token is the only one that has seen the whole message, and padding
+    that comes after it cannot change it: so dynamic and fixed padding give the same prediction.
+    """
+    last = (lengths - 1).to(logits.device)  # (batch,)
+    return logits[torch.arange(logits.shape[0], device=logits.device), last]
+
+
+def batch_logits(model: nn.Module, input_ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """Class logits (batch, classes) of a padded batch of token ids (batch, n_tokens)."""
+    device = next(model.parameters()).device
+    return last_token_logits(model(input_ids.to(device)), lengths)
+
+
+def classification_loss(model: nn.Module, batch) -> torch.Tensor:
+    """Cross-entropy of a `SpamBatch` (input_ids, lengths, labels)."""
+    logits = batch_logits(model, batch.input_ids, batch.lengths)
+    return F.cross_entropy(logits, batch.labels.to(logits.device))
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader, max_batches: int | None = None) -> tuple[float, float]:
+    """Mean loss and accuracy over `loader` (or its first `max_batches` batches), in eval mode."""
+    was_training = model.training
+    model.eval()
+    total_loss, correct, seen = 0.0, 0, 0
+    for i, batch in enumerate(loader):
+        if max_batches is not None and i >= max_batches:
+            break
+        logits = batch_logits(model, batch.input_ids, batch.lengths)
+        labels = batch.labels.to(logits.device)
+        total_loss += F.cross_entropy(logits, labels, reduction="sum").item()
+        correct += (logits.argmax(dim=-1) == labels).sum().item()
+        seen += len(labels)
+    model.train(was_training)
+    if seen == 0:
+        raise ValueError("cannot evaluate on an empty data loader")
+    return total_loss / seen, correct / seen
+
+
+def accuracy(model: nn.Module, loader, max_batches: int | None = None) -> float:
+    """Share of correctly classified messages in `loader` (or its first `max_batches` batches)."""
+    return evaluate(model, loader, max_batches)[1]
+
+
+@torch.no_grad()
+def classify(
+    text: str,
+    model: nn.Module,
+    tokenizer: tiktoken.Encoding | None = None,
+    labels: tuple[str, ...] = ("ham", "spam"),
+    max_length: int | None = None,
+) -> tuple[str, float]:
+    """Classify one text: the predicted label and the model's probability for it."""
+    tokenizer = tokenizer or get_tokenizer()
+    context_length = model.cfg.context_length
+    max_length = min(max_length or context_length, context_length)
+    ids = tokenizer.encode(text)[:max_length]
+    if not ids:
+        raise ValueError("cannot classify an empty text")
+    was_training = model.training
+    model.eval()
+    input_ids = torch.tensor([ids])  # (1, n_tokens)
+    probs = torch.softmax(batch_logits(model, input_ids, torch.tensor([len(ids)])), dim=-1)[0]
+    model.train(was_training)
+    if len(probs) != len(labels):
+        raise ValueError(f"the model has {len(probs)} classes but {len(labels)} labels were given: {labels}")
+    best = int(probs.argmax())
+    return labels[best], float(probs[best])

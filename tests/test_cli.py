@@ -1,0 +1,66 @@
+"""The main job from the shell, end to end in quick mode (no network)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from llm_scratch.cli import main
+
+
+def run_cli(*args: str, cwd) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "MPLBACKEND": "Agg", "LLM_SCRATCH_DATA": str(cwd / "data")}
+    env.pop("LLM_SCRATCH_QUICK", None)  # --quick alone must be enough
+    return subprocess.run([sys.executable, "-m", "llm_scratch", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_quick_lora_finetune_then_classify(tmp_path):
+    run = tmp_path / "runs" / "lora"
+    result = run_cli("finetune", "--method", "lora", "--quick", "--out", str(run), "--no-progress",
+                     cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    for name in ("metrics.json", "run.json", "loss.png", "accuracy.png", "adapter.safetensors"):
+        assert (run / name).is_file(), name
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["method"] == "lora" and metrics["quick"]
+    assert metrics["train_accuracy"] >= 0.9
+    assert metrics["trainable_parameters"] < 0.05 * metrics["total_parameters"]
+    assert metrics["saved_file_mb"] < 1.0 and metrics["train_time_s"] > 0
+    losses = metrics["history"]["step_loss"]
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5
+
+    spam, ham = "Last chance! Claim your guaranteed £250 voucher. Txt CLAIM to 80080", "See you at lunch?"
+    result = run_cli("classify", "--run", str(run), spam, ham, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.strip().splitlines()
+    assert len(lines) == 2 and lines[0].split()[0] in {"ham", "spam"} and lines[0].endswith(spam)
+
+
+def test_quick_compare_writes_a_table_and_a_chart(tmp_path, monkeypatch):
+    monkeypatch.setenv("LLM_SCRATCH_DATA", str(tmp_path / "data"))
+    out = tmp_path / "compare"
+    args = ["finetune", "--compare", "--quick", "--epochs", "1", "--out", str(out), "--no-progress"]
+    assert main(args) == 0
+    table = (out / "comparison.md").read_text()
+    for method in ("full", "last-block", "lora"):
+        assert f"| {method} |" in table
+        assert (out / method / "metrics.json").is_file()
+    assert (out / "comparison.png").is_file()
+    sizes = {m: json.loads((out / m / "metrics.json").read_text())["trainable_parameters"]
+             for m in ("full", "last-block", "lora")}
+    assert sizes["lora"] < sizes["last-block"] < sizes["full"]
+
+
+def test_a_missing_run_is_a_clear_error(tmp_path, capsys):
+    assert main(["classify", "--run", str(tmp_path / "nothing"), "hello"]) == 2
+    assert "run.json not found" in capsys.readouterr().err
+
+
+def test_unknown_method_is_refused():
+    with pytest.raises(SystemExit):
+        main(["finetune", "--method", "adapter"])
