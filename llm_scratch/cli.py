@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -29,6 +31,29 @@ RUN_FILE = "run.json"  # how to rebuild the classifier
 METRICS_FILE = "metrics.json"  # what the run measured
 
 
+@dataclass
+class FinetuneSettings:
+    """Everything one fine-tuning run depends on; the CLI's options map one to one onto these fields."""
+
+    method: str = "lora"  # "full", "last-block" or "lora"
+    model: str = "gpt2-small"  # the GPT-2 size (quick mode always uses "tiny")
+    epochs: int | None = None  # None: 5, or QUICK_EPOCHS in quick mode
+    out: Path | None = None  # the run folder; None: runs/METHOD
+    rank: int = 16  # LoRA rank
+    alpha: float = 16.0  # LoRA alpha; the update is scaled by alpha / rank
+    lr: float | None = None  # None: DEFAULT_LR (or QUICK_LR) of the method
+    batch_size: int = 8
+    bucket: bool = False  # batches of similar-length messages (less padding, faster epochs)
+    seed: int = 123
+    device: str | None = None  # None: CUDA, then MPS, then CPU
+    quick: bool = False  # tiny model, sample data, no network (also LLM_SCRATCH_QUICK=1)
+    data: Path | None = None  # a local SMSSpamCollection file or UCI zip instead of the download
+    weights: Path | None = None  # a local GPT-2 model.safetensors instead of the download
+    random_init: bool = False  # start from random weights instead of pretrained GPT-2
+    eval_every: int = 50  # steps between validation-loss checks
+    progress: bool = True  # progress bars
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m llm_scratch", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -42,6 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha (scaling alpha / rank)")
     tune.add_argument("--lr", type=float, default=None, help="learning rate (default: per method)")
     tune.add_argument("--batch-size", type=int, default=8)
+    tune.add_argument("--bucket", action="store_true",
+                      help="batch messages of similar length together: less padding, faster epochs")
     tune.add_argument("--seed", type=int, default=123)
     tune.add_argument("--device", default=None, help="cpu, cuda or mps (default: the best available)")
     tune.add_argument("--quick", action="store_true",
@@ -55,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--compare", action="store_true",
                       help="run full, last-block and lora one after the other and compare them")
     tune.add_argument("--eval-every", type=int, default=50, help="steps between validation-loss checks")
-    tune.add_argument("--no-progress", action="store_true", help="no progress bars")
+    tune.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
 
     cls = commands.add_parser("classify", help="classify texts with a saved fine-tuning run")
     cls.add_argument("--run", type=Path, required=True, help="the folder a finetune run wrote")
@@ -63,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _base_source(args: argparse.Namespace, quick: bool, out: Path) -> dict:
+def _base_source(args: FinetuneSettings, quick: bool, out: Path) -> dict:
     """Where the base model's weights come from, recorded in run.json so `classify` can rebuild it."""
     if quick:  # a tiny random "pretrained" model, written and read back through the real loader
         torch.manual_seed(args.seed)
@@ -93,11 +120,14 @@ def _title(run: dict) -> str:
     return f"{run['method']}: {what} ({run['base']['note']})"
 
 
-def finetune(args: argparse.Namespace, method: str | None = None, out: Path | None = None) -> dict:
-    """Fine-tune one method end to end; write run.json, metrics.json, figures and the trained tensors."""
-    method = method or args.method
+def finetune(args: FinetuneSettings) -> dict:
+    """Fine-tune one method end to end; write run.json, metrics.json, figures and the trained tensors.
+
+    Returns the metrics (also written to metrics.json), e.g. `finetune(FinetuneSettings(quick=True))`.
+    """
+    method = args.method
     quick = args.quick or quick_mode()
-    out = out or args.out or Path("runs") / method
+    out = Path(args.out) if args.out is not None else Path("runs") / method
     out.mkdir(parents=True, exist_ok=True)
     device = pick_device(args.device)
     epochs = args.epochs or (QUICK_EPOCHS if quick else 5)
@@ -111,11 +141,11 @@ def finetune(args: argparse.Namespace, method: str | None = None, out: Path | No
     summary = parameter_summary(model, verbose=False)
     print(f"{method}: {summary}  |  device {device}  |  {source['note']}")
     loaders = spam_dataloaders(splits, batch_size=args.batch_size, context_length=model.cfg.context_length,
-                               seed=args.seed)
+                               bucket=args.bucket, seed=args.seed)
 
     history = train_classifier(model, loaders.train, loaders.validation, epochs=epochs, lr=lr,
                                eval_every=args.eval_every, seed=args.seed, device=device,
-                               progress=not args.no_progress)
+                               progress=args.progress)
     accuracies = {f"{name}_accuracy": evaluate(model, loader)[1]
                   for name, loader in zip(("train", "validation", "test"), loaders[:3], strict=True)}
 
@@ -131,7 +161,8 @@ def finetune(args: argparse.Namespace, method: str | None = None, out: Path | No
     (out / RUN_FILE).write_text(json.dumps(run, indent=2) + "\n")
 
     metrics = {
-        **run, **accuracies, "epochs": epochs, "lr": lr, "batch_size": args.batch_size, "seed": args.seed,
+        **run, **accuracies, "epochs": epochs, "lr": lr, "batch_size": args.batch_size, "bucket": args.bucket,
+        "seed": args.seed,
         "device": str(device), "trainable_parameters": summary.trainable, "total_parameters": summary.base,
         "train_time_s": history.wall_time_s, "peak_memory_mb": history.peak_memory_mb,
         "peak_memory_kind": history.peak_memory_kind, "saved_file": saved.name,
@@ -147,24 +178,27 @@ def finetune(args: argparse.Namespace, method: str | None = None, out: Path | No
     return metrics
 
 
-def compare(args: argparse.Namespace) -> dict[str, dict]:
-    """Run the three methods with the same data and seed; write comparison.md and comparison.png."""
-    out = args.out or Path("runs") / "compare"
-    results = {method: finetune(args, method, out / method) for method in METHODS}
+def compare(args: FinetuneSettings, methods: tuple[str, ...] = METHODS, command: str = "") -> dict[str, dict]:
+    """Run several methods with the same data and seed; write comparison.md and comparison.png.
+
+    `command`, if given, is the shell command that made the comparison, quoted under the table.
+    """
+    out = Path(args.out) if args.out is not None else Path("runs") / "compare"
+    results = {m: finetune(dataclasses.replace(args, method=m, out=out / m)) for m in methods}
     first = next(iter(results.values()))
+    setting = _title(first).split(": ", 1)[1]  # e.g. "gpt2-small, SMS Spam Collection (pretrained)"
     header = ("| method | trainable parameters | test accuracy | validation accuracy | training time | "
               "peak memory | saved file |\n|---|---:|---:|---:|---:|---:|---:|\n")
     rows = "".join(
         f"| {m} | {r['trainable_parameters']:,} of {r['total_parameters']:,} | {r['test_accuracy']:.2%} | "
         f"{r['validation_accuracy']:.2%} | {r['train_time_s']:.0f} s | {r['peak_memory_mb']:,.0f} MB | "
         f"{r['saved_file_mb']:,.1f} MB |\n" for m, r in results.items())
-    note = (f"\n{_title(first).split(': ', 1)[1]}; {first['epochs']} epochs, batch {first['batch_size']}, "
-            f"seed {first['seed']}, device {first['device']}; "
-            f"peak memory is the {first['peak_memory_kind']}.\n"
-            f"Command: `python -m llm_scratch {' '.join(sys.argv[1:])}`\n")
+    note = (f"\n{setting}; {first['epochs']} epochs, batch {first['batch_size']}, seed {first['seed']}, "
+            f"device {first['device']}; peak memory is the {first['peak_memory_kind']}.\n")
+    if command:
+        note += f"Command: `{command}`\n"
     (out / "comparison.md").write_text(header + rows + note)
-    save_figure(plot_comparison(results, f"Methods compared ({_title(first).split(': ', 1)[1]})"),
-                "comparison.png", out)
+    save_figure(plot_comparison(results, f"Methods compared ({setting})"), "comparison.png", out)
     print(header + rows + note)
     return results
 
@@ -197,10 +231,14 @@ def main(argv: list[str] | None = None) -> int:
             for text in args.texts:
                 label, prob = classify(text, model, labels=tuple(run["labels"]), max_length=run["max_length"])
                 print(f"{label:>4} ({prob:.1%})  {text}")
-        elif args.compare:
-            compare(args)
         else:
-            finetune(args)
+            settings = FinetuneSettings(**{f.name: getattr(args, f.name)
+                                           for f in dataclasses.fields(FinetuneSettings)})
+            if args.compare:
+                given = sys.argv[1:] if argv is None else argv
+                compare(settings, command=" ".join(["python -m llm_scratch", *given]))
+            else:
+                finetune(settings)
     except (ValueError, FileNotFoundError, RuntimeError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -16,6 +16,7 @@ from __future__ import annotations
 import csv
 import functools
 import http.client
+import math
 import os
 import random
 import tempfile
@@ -30,7 +31,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from llm_scratch.config import quick_mode
 from llm_scratch.tokenizer import EOS_ID, get_tokenizer
@@ -495,6 +496,39 @@ __all__ = [
 ]
 
 
+class LengthBucketSampler(Sampler[list[int]]):
+    """Batches of messages of similar length, so that dynamic padding adds few padding tokens.
+
+    Each epoch: shuffle all indices, cut them into pools of `pool_batches` batches, sort each pool by length,
+    cut it into batches, and shuffle the order of the batches. Every message comes exactly once per epoch;
+    the same `seed` gives the same batches.
+    """
+
+    def __init__(self, lengths: Sequence[int], batch_size: int, seed: int = 123,
+                 pool_batches: int = 50) -> None:
+        if batch_size < 1 or pool_batches < 1:
+            raise ValueError(f"batch_size and pool_batches must be >= 1, got {batch_size} and {pool_batches}")
+        self.lengths = list(lengths)
+        self.batch_size = batch_size
+        self.pool_batches = pool_batches
+        self.pool_size = batch_size * pool_batches
+        self.generator = torch.Generator().manual_seed(seed)  # advances every epoch: new batches each time
+
+    def __len__(self) -> int:
+        full_pools, rest = divmod(len(self.lengths), self.pool_size)
+        return full_pools * self.pool_batches + math.ceil(rest / self.batch_size)
+
+    def __iter__(self):
+        order = torch.randperm(len(self.lengths), generator=self.generator).tolist()
+        batches = []
+        for start in range(0, len(order), self.pool_size):
+            pool = order[start : start + self.pool_size]
+            pool.sort(key=lambda index: self.lengths[index])  # stable: ties keep their random order
+            batches += [pool[i : i + self.batch_size] for i in range(0, len(pool), self.batch_size)]
+        for position in torch.randperm(len(batches), generator=self.generator).tolist():
+            yield batches[position]
+
+
 class SpamLoaders(NamedTuple):
     """DataLoaders of the three splits; `max_length` is the training set's, shared by all three."""
 
@@ -505,11 +539,12 @@ class SpamLoaders(NamedTuple):
 
 
 def spam_dataloaders(splits: SpamSplits, *, batch_size: int = 8, context_length: int = 1024,
-                     max_length: int | None = None, pad_to: int | None = None, seed: int = 123,
-                     tokenizer=None) -> SpamLoaders:
+                     max_length: int | None = None, pad_to: int | None = None, bucket: bool = False,
+                     seed: int = 123, tokenizer=None) -> SpamLoaders:
     """DataLoaders for training (shuffled with `seed`) and evaluation, padding each batch dynamically.
 
-    `pad_to` pads every batch to that many tokens instead (the fixed padding of other courses).
+    `pad_to` pads every batch to that many tokens instead (the fixed padding of other courses); `bucket`
+    groups training messages of similar length into batches (`LengthBucketSampler`), for less padding.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -517,9 +552,14 @@ def spam_dataloaders(splits: SpamSplits, *, batch_size: int = 8, context_length:
     validation = SpamDataset(splits.validation, tokenizer, train.max_length, context_length)
     test = SpamDataset(splits.test, tokenizer, train.max_length, context_length)
     collate = functools.partial(collate_spam, pad_to=pad_to)
-    generator = torch.Generator().manual_seed(seed)
+    if bucket:
+        train_loader = DataLoader(train, batch_sampler=LengthBucketSampler(train.lengths, batch_size, seed),
+                                  collate_fn=collate)
+    else:
+        generator = torch.Generator().manual_seed(seed)
+        train_loader = DataLoader(train, batch_size, shuffle=True, generator=generator, collate_fn=collate)
     return SpamLoaders(
-        train=DataLoader(train, batch_size, shuffle=True, generator=generator, collate_fn=collate),
+        train=train_loader,
         validation=DataLoader(validation, batch_size, collate_fn=collate),
         test=DataLoader(test, batch_size, collate_fn=collate),
         max_length=train.max_length,

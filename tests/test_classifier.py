@@ -5,7 +5,7 @@ import torch
 
 from llm_scratch import GPTConfig, GPTModel, text_to_ids
 from llm_scratch.classifier import add_classification_head, classify, evaluate, last_token_logits
-from llm_scratch.spam import SpamDataset, collate_spam, load_sample, spam_dataloaders, split
+from llm_scratch.spam import SpamDataset, collate_spam, load_sample, load_spam_splits, spam_dataloaders
 from llm_scratch.training import History, prepare_for_method, train_classifier
 
 
@@ -61,7 +61,8 @@ def test_classify_returns_a_label_and_its_probability():
 
 
 def _quick_loaders(seed: int = 123):
-    return spam_dataloaders(split(load_sample(), seed=seed), batch_size=8, context_length=256, seed=seed)
+    splits = load_spam_splits(quick=True, seed=seed, write_csv=False)
+    return spam_dataloaders(splits, batch_size=8, context_length=256, seed=seed)
 
 
 def test_loss_goes_down_and_training_accuracy_reaches_90_percent():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import http.server
 import io
+import random
 import socket
 import threading
 import time
@@ -379,3 +380,46 @@ def test_collate_fixed_length_padding_in_a_dataloader():
     assert batches[0].input_ids.dtype == batches[0].lengths.dtype == batches[0].labels.dtype == torch.long
     with pytest.raises(ValueError, match="pad_to=4 is shorter"):
         spam.collate_spam([dataset[1]], pad_to=4)
+
+
+# ------------------------------------------------------------------------------------------------------
+# Length-bucketed batches
+# ------------------------------------------------------------------------------------------------------
+
+def _bucket_epochs(lengths, seed, epochs=2, batch_size=8):
+    sampler = spam.LengthBucketSampler(lengths, batch_size=batch_size, seed=seed, pool_batches=4)
+    return sampler, [list(sampler) for _ in range(epochs)]
+
+
+def test_bucketing_covers_every_example_once_per_epoch():
+    lengths = [random.Random(i).randint(3, 90) for i in range(203)]
+    sampler, epochs = _bucket_epochs(lengths, seed=123)
+    for batches in epochs:
+        flat = [i for batch in batches for i in batch]
+        assert sorted(flat) == list(range(203))
+        assert len(batches) == len(sampler) == 26  # 6 pools of 32 (4 batches each), then 11 -> 2 batches
+        assert all(1 <= len(b) <= 8 for b in batches)
+    assert epochs[0] != epochs[1]  # a new order every epoch
+
+
+def test_bucketing_is_deterministic_and_cuts_padding():
+    lengths = [random.Random(i).randint(3, 90) for i in range(400)]
+    _, first = _bucket_epochs(lengths, seed=5)
+    _, again = _bucket_epochs(lengths, seed=5)
+    _, other = _bucket_epochs(lengths, seed=6)
+    assert first == again and first != other
+
+    def padded_tokens(batches):  # tokens a dynamically padded epoch computes on
+        return sum(len(b) * max(lengths[i] for i in b) for b in batches)
+
+    shuffled = [list(range(400))[i : i + 8] for i in range(0, 400, 8)]
+    random.Random(0).shuffle(shuffled)
+    assert padded_tokens(first[0]) < 0.75 * padded_tokens(shuffled)
+
+
+def test_bucketed_loaders_yield_every_training_message():
+    splits = spam.load_spam_splits(quick=True, write_csv=False)
+    loaders = spam.spam_dataloaders(splits, batch_size=8, context_length=256, bucket=True, seed=1)
+    seen = sorted(int(n) for batch in loaders.train for n in batch.lengths)
+    assert seen == sorted(loaders.train.dataset.lengths)
+    assert len(loaders.train) == 11  # 84 messages in batches of 8
