@@ -1,0 +1,258 @@
+"""Training speed and memory of our GPT-2 spam classifier, side by side with Hugging Face (+ PEFT).
+
+    python benchmarks/bench_finetune.py            # the table in benchmarks/RESULTS.md (about 20 minutes)
+    python benchmarks/bench_finetune.py --smoke    # tiny shapes and a few steps (what CI runs)
+
+Random weights throughout: the speed of a step does not depend on their values. Step times are medians
+over several steps after a warm-up, with the compared models stepping in turn (A, B, A, B, ...) so that a
+busy moment of the machine slows both alike. Peak memory is measured in a fresh process per model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from llm_scratch.classifier import add_classification_head, classification_loss
+from llm_scratch.config import GPTConfig
+from llm_scratch.model import GPTModel
+from llm_scratch.spam import SpamBatch, load_spam_splits, spam_dataloaders
+from llm_scratch.training import prepare_for_method
+
+SHARED_SMS = Path(__file__).resolve().parents[2] / "shared" / "data" / "sms_spam" / "SMSSpamCollection"
+MODELS = ("ours full", "hf full", "ours lora", "hf+peft lora")
+
+
+def build(name: str, cfg: GPTConfig, rank: int, alpha: float, seed: int = 123) -> torch.nn.Module:
+    """One of MODELS: a 2-class classifier of shape `cfg`, random weights, set up for its method."""
+    torch.manual_seed(seed)
+    if name.startswith("ours"):
+        model = add_classification_head(GPTModel(cfg), num_classes=2, seed=seed)
+        prepare_for_method(model, name.split()[1], rank=rank, alpha=alpha)
+        return model.train()
+    from transformers import GPT2Config, GPT2ForSequenceClassification
+
+    hf_cfg = GPT2Config(vocab_size=cfg.vocab_size, n_positions=cfg.context_length, n_embd=cfg.emb_dim,
+                        n_layer=cfg.n_layers, n_head=cfg.n_heads, num_labels=2, pad_token_id=50256,
+                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)  # no dropout, as ours
+    model = GPT2ForSequenceClassification(hf_cfg)
+    if name == "hf+peft lora":  # the same weight matrices as ours: q/k/v (fused in c_attn), both c_proj, c_fc
+        from peft import LoraConfig, get_peft_model
+
+        lora = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, fan_in_fan_out=True,
+                          target_modules=["c_attn", "c_proj", "c_fc"], modules_to_save=["score"])
+        model = get_peft_model(model, lora)
+    return model.train()
+
+
+def train_step(model: torch.nn.Module) -> Callable[[SpamBatch], float]:
+    """One AdamW step (forward, loss, backward, update) of `model` on a batch; returns the loss."""
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+    ours = hasattr(model, "blocks")
+
+    def step(batch: SpamBatch) -> float:
+        if ours:
+            loss = classification_loss(model, batch)
+        else:  # Hugging Face reads the logits at the last token that is not padding (id 50256)
+            logits = model(input_ids=batch.input_ids).logits  # (batch, 2)
+            loss = F.cross_entropy(logits, batch.labels)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.item()
+
+    return step
+
+
+def random_batch(batch_size: int, n_tokens: int, vocab_size: int) -> SpamBatch:
+    ids = torch.randint(0, vocab_size - 1, (batch_size, n_tokens))  # no padding token: every token is real
+    return SpamBatch(ids, torch.full((batch_size,), n_tokens), torch.randint(0, 2, (batch_size,)))
+
+
+def time_alternately(steps: dict[str, Callable[[], object]], warmup: int, repeats: int) -> dict[str, float]:
+    """Median seconds of each callable, run in turn A, B, A, B, ... after `warmup` rounds."""
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for round_ in range(warmup + repeats):
+        for name, step in steps.items():
+            start = time.perf_counter()
+            step()
+            if round_ >= warmup:
+                times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def matmul_gflops(n: int, repeats: int) -> float:
+    """Throughput of a plain fp32 (n x n) @ (n x n) matmul on this machine, in GFLOP/s (median)."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    seconds = time_alternately({"mm": lambda: a @ b}, warmup=2, repeats=repeats)["mm"]
+    return 2 * n**3 / seconds / 1e9
+
+
+def training_flops(cfg: GPTConfig, batch_size: int, n_tokens: int) -> float:
+    """Matmul FLOPs of one full training step: forward + backward (twice the forward), all weights."""
+    tokens = batch_size * n_tokens
+    linear = 2 * tokens * cfg.n_layers * 12 * cfg.emb_dim**2  # q, k, v, out_proj (4 d^2) + fc1, fc2 (8 d^2)
+    attention = 2 * 2 * batch_size * cfg.n_layers * n_tokens**2 * cfg.emb_dim  # q k^T and weights @ v
+    head = 2 * tokens * cfg.emb_dim * 2
+    return 3 * (linear + attention + head)
+
+
+def peak_memory_mb(name: str, args: argparse.Namespace) -> float:
+    """Peak resident memory (VmHWM) of a fresh process that builds `name` and takes a few training steps."""
+    command = [sys.executable, __file__, "--memory-of", name, "--preset", args.preset, "--batch-size",
+               str(args.batch_size), "--tokens", str(args.tokens), "--rank", str(args.rank), "--alpha",
+               str(args.alpha)]
+    out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+    return json.loads(out.strip().splitlines()[-1])["peak_mb"]
+
+
+def _measure_own_memory(args: argparse.Namespace) -> None:
+    cfg = GPTConfig.from_preset(args.preset)
+    step = train_step(build(args.memory_of, cfg, args.rank, args.alpha))
+    batch = random_batch(args.batch_size, args.tokens, cfg.vocab_size)
+    for _ in range(3):  # the optimizer's state exists from the first step on
+        step(batch)
+    status = Path("/proc/self/status").read_text()
+    peak_kb = int(next(line for line in status.splitlines() if line.startswith("VmHWM")).split()[1])
+    print(json.dumps({"peak_mb": peak_kb / 1024}))
+
+
+def epoch_times(args: argparse.Namespace, cfg: GPTConfig) -> tuple[dict[str, float], dict[str, int]]:
+    """Seconds and padded tokens of one LoRA training epoch on the SMS training split, for three batchings.
+
+    The three loaders are stepped in turn, batch by batch, so that the machine's load affects them alike.
+    """
+    if args.smoke:
+        splits = load_spam_splits(quick=True, write_csv=False)
+    else:
+        if args.data is None or not Path(args.data).exists():
+            raise SystemExit(f"the SMS Spam Collection is needed for the epoch timing: pass --data PATH "
+                             f"(default {SHARED_SMS} is absent)")
+        splits = load_spam_splits(source=args.data, write_csv=False)
+    common = {"batch_size": args.batch_size, "context_length": cfg.context_length}
+    fixed = f"fixed {args.fixed_pad}-token padding"
+    loaders = {
+        fixed: spam_dataloaders(splits, pad_to=args.fixed_pad, **common).train,
+        "dynamic padding": spam_dataloaders(splits, **common).train,
+        "length-bucketed batches": spam_dataloaders(splits, bucket=True, **common).train,
+    }
+    steps = {name: train_step(build("ours lora", cfg, args.rank, args.alpha)) for name in loaders}
+    seconds = dict.fromkeys(loaders, 0.0)
+    tokens = dict.fromkeys(loaders, 0)
+    iterators = {name: iter(loader) for name, loader in loaders.items()}
+    for name in itertools.cycle(list(loaders)):
+        if not iterators:
+            break
+        if name not in iterators:
+            continue
+        batch = next(iterators[name], None)
+        if batch is None:
+            del iterators[name]
+            continue
+        start = time.perf_counter()
+        steps[name](batch)
+        seconds[name] += time.perf_counter() - start
+        tokens[name] += batch.input_ids.numel()
+    return seconds, tokens
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                   if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} threads, torch {torch.__version__}"
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="gpt2-small")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--tokens", type=int, default=120, help="tokens per message in the step timing")
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--alpha", type=float, default=16.0)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--fixed-pad", type=int, default=120)
+    parser.add_argument("--data", default=str(SHARED_SMS), help="the SMSSpamCollection file for the epoch")
+    parser.add_argument("--smoke", action="store_true", help="tiny shapes, a few steps (CI)")
+    parser.add_argument("--memory-of", choices=MODELS, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.memory_of:
+        _measure_own_memory(args)
+        return {}
+    if args.smoke:
+        args.preset, args.tokens, args.warmup, args.repeats, args.fixed_pad = "tiny", 16, 1, 2, 32
+    command = "python benchmarks/bench_finetune.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    cfg = GPTConfig.from_preset(args.preset)
+    batch = random_batch(args.batch_size, args.tokens, cfg.vocab_size)
+
+    models = {name: build(name, cfg, args.rank, args.alpha) for name in MODELS}
+    steps = {name: train_step(model) for name, model in models.items()}
+    calls = {name: (lambda step=step: step(batch)) for name, step in steps.items()}
+    step_s = time_alternately(calls, args.warmup, args.repeats)
+    del models, steps
+    memory = {name: peak_memory_mb(name, args) for name in (MODELS[::2] if args.smoke else MODELS)}
+    matmul = matmul_gflops(256 if args.smoke else 2048, repeats=3 if args.smoke else 10)
+    achieved = training_flops(cfg, args.batch_size, args.tokens) / step_s["ours full"] / 1e9
+    epoch_s, epoch_tokens = epoch_times(args, cfg)
+
+    results = {"step_s": step_s, "peak_mb": memory, "matmul_gflops": matmul, "step_gflops": achieved,
+               "epoch_s": epoch_s, "epoch_tokens": epoch_tokens}
+    print(report(results, args, command))
+    return results
+
+
+def report(r: dict, args: argparse.Namespace, command: str) -> str:
+    s, m = r["step_s"], r["peak_mb"]
+    mem = {name: f"{m[name]:,.0f} MB" if name in m else "-" for name in MODELS}
+    lines = [
+        f"Machine: {machine()}",
+        f"Command: `{command}`",
+        "",
+        f"Training step of a {args.preset}-shaped classifier, batch {args.batch_size} x {args.tokens} tokens "
+        f"(median of {args.repeats} after {args.warmup} warm-up; LoRA rank {args.rank}, "
+        f"alpha {args.alpha:g}):",
+        "",
+        "| model | step time | peak memory (process) |",
+        "|---|---:|---:|",
+        *(f"| {name} | {s[name]:.3f} s | {mem[name]} |" for name in MODELS),
+        "",
+        "| ratio | value |",
+        "|---|---:|",
+        f"| ours full / HF full (step time) | {s['ours full'] / s['hf full']:.2f} |",
+        f"| ours LoRA / HF + PEFT LoRA (step time) | {s['ours lora'] / s['hf+peft lora']:.2f} |",
+        f"| ours LoRA / ours full (step time) | {s['ours lora'] / s['ours full']:.2f} |",
+        f"| ours LoRA / ours full (peak memory) | {m['ours lora'] / m['ours full']:.2f} |",
+        f"| our full step: {r['step_gflops']:.1f} GFLOP/s / plain fp32 matmul "
+        f"{r['matmul_gflops']:.1f} GFLOP/s | {r['step_gflops'] / r['matmul_gflops']:.2f} |",
+        "",
+        "One LoRA training epoch on the SMS training split (batch "
+        f"{args.batch_size}; loaders stepped in turn):",
+        "",
+        "| batching | epoch time | tokens computed | speed-up |",
+        "|---|---:|---:|---:|",
+    ]
+    fixed = next(iter(r["epoch_s"].values()))  # the fixed padding comes first
+    lines += [f"| {name} | {sec:.1f} s | {r['epoch_tokens'][name]:,} | {fixed / sec:.2f}x |"
+              for name, sec in r["epoch_s"].items()]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
