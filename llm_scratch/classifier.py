@@ -83,7 +83,7 @@ def classify(
     tokenizer = tokenizer or get_tokenizer()
     context_length = model.cfg.context_length
     max_length = min(max_length or context_length, context_length)
-    ids = tokenizer.encode(text)[:max_length]
+    ids = tokenizer.encode_ordinary(text)[:max_length]  # as SpamDataset: "<|endoftext|>" is plain text
     if not ids:
         raise ValueError("cannot classify an empty text")
     was_training = model.training

@@ -100,7 +100,7 @@ def _base_source(args: FinetuneSettings, quick: bool, out: Path) -> dict:
         return {"kind": "random", "model": args.model, "seed": args.seed,
                 "note": "random init, no pretrained weights"}
     if args.weights is not None:
-        path = str(args.weights.resolve())
+        path = str(Path(args.weights).resolve())
         return {"kind": "file", "model": args.model, "path": path, "note": "pretrained"}
     return {"kind": "hub", "model": args.model, "note": "pretrained"}
 
@@ -137,6 +137,7 @@ def finetune(args: FinetuneSettings) -> dict:
     source = _base_source(args, quick, out)
     model = load_base(source, out, device)
     add_classification_head(model, num_classes=len(LABELS), seed=args.seed)
+    torch.manual_seed(args.seed)  # LoRA's A matrices start random: the same seed, the same start
     prepare_for_method(model, method, rank=args.rank, alpha=args.alpha)
     summary = parameter_summary(model, verbose=False)
     print(f"{method}: {summary}  |  device {device}  |  {source['note']}")

@@ -470,31 +470,6 @@ def collate_spam(batch: Sequence[tuple[torch.Tensor, int]], pad_id: int = EOS_ID
     return SpamBatch(input_ids, lengths, labels)
 
 
-__all__ = [
-    "DEFAULT_URLS",
-    "EXPECTED_COUNTS",
-    "LABELS",
-    "LABEL_IDS",
-    "SpamBatch",
-    "SpamDataset",
-    "SpamRow",
-    "SpamSplits",
-    "balance",
-    "check_counts",
-    "collate_spam",
-    "default_data_dir",
-    "download_sms_spam",
-    "download_urls",
-    "load_sample",
-    "load_spam_splits",
-    "parse_sms_spam",
-    "read_sms_spam",
-    "read_split_csv",
-    "split",
-    "write_split_csv",
-    "write_splits",
-]
-
 
 class LengthBucketSampler(Sampler[list[int]]):
     """Batches of messages of similar length, so that dynamic padding adds few padding tokens.

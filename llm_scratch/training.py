@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import nn
+from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from llm_scratch.classifier import classification_loss, evaluate
@@ -132,6 +133,10 @@ def train_classifier(
     trainable = [p for p in model.parameters() if p.requires_grad]
     if not trainable:
         raise ValueError("the model has no trainable parameter; call prepare_for_method first")
+    # Loss and accuracy on the training set are estimated on its first `eval_batches` batches, read in a
+    # fixed order: iterating the shuffled loader for that would change the order training sees.
+    train_sample = DataLoader(train_loader.dataset, batch_size=train_loader.batch_size or 8,
+                              collate_fn=train_loader.collate_fn)
     device = device if isinstance(device, torch.device) else pick_device(device)
     torch.manual_seed(seed)
     model.to(device)
@@ -154,13 +159,13 @@ def train_classifier(
                 history.step_examples.append(examples)
                 bar.set_postfix(loss=f"{loss.item():.3f}")
                 if step % eval_every == 0:
-                    train_loss, _ = evaluate(model, train_loader, eval_batches)
+                    train_loss, _ = evaluate(model, train_sample, eval_batches)
                     val_loss, val_acc = evaluate(model, val_loader, eval_batches)
                     history.eval_examples.append(examples)
                     history.eval_train_loss.append(train_loss)
                     history.eval_val_loss.append(val_loss)
                     history.eval_val_accuracy.append(val_acc)
-            _, train_acc = evaluate(model, train_loader, eval_batches)
+            _, train_acc = evaluate(model, train_sample, eval_batches)
             val_loss, val_acc = evaluate(model, val_loader)
             history.epoch_train_accuracy.append(train_acc)
             history.epoch_val_accuracy.append(val_acc)
