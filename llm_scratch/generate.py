@@ -15,13 +15,15 @@ def generate(
     top_k: int | None = None,
     eos_id: int | None = None,
     seed: int | None = None,
+    use_cache: bool = False,
 ) -> torch.Tensor:
     """Extend `idx` (batch, n_tokens) by up to `max_new_tokens` tokens and return (batch, n_tokens + new).
 
     temperature 0 picks the most likely token (greedy, deterministic); a positive temperature samples from
     softmax(logits / temperature), restricted to the `top_k` most likely tokens if given. Only the last
     `context_size` tokens are fed to the model. Generation stops early once every sequence's next token
-    is `eos_id`. `seed` makes sampling reproducible.
+    is `eos_id`. `seed` makes sampling reproducible. `use_cache=True` keeps each layer's keys and values
+    (a KV cache, see `GPTModel.new_kv_cache`), so each step computes only the new token: same tokens, faster.
     """
     if idx.dim() != 2:
         raise ValueError(f"idx must have shape (batch, n_tokens), got {tuple(idx.shape)}")
@@ -31,6 +33,13 @@ def generate(
         raise ValueError(f"top_k must be a positive integer or None, got {top_k}")
     if context_size < 1:
         raise ValueError(f"context_size must be >= 1, got {context_size}")
+    cache = None
+    if use_cache:
+        if not hasattr(model, "new_kv_cache"):
+            raise ValueError(f"use_cache=True needs a model with new_kv_cache() (a GPTModel), got "
+                             f"{type(model).__name__}; pass use_cache=False")
+        # Room for the whole generation, or for context_size tokens, after which the cache is not used.
+        cache = model.new_kv_cache(max_tokens=max(1, min(context_size, idx.shape[1] + max_new_tokens)))
     generator = None
     if seed is not None:
         generator = torch.Generator(device=idx.device).manual_seed(seed)
@@ -40,7 +49,15 @@ def generate(
     try:
         with torch.no_grad():
             for _ in range(max_new_tokens):
-                logits = model(idx[:, -context_size:])[:, -1, :]  # (batch, vocab_size): the last position
+                if cache is not None and idx.shape[1] <= context_size:
+                    # Feed only the tokens the cache has not seen yet: the whole prompt at the first step,
+                    # then the one token chosen at the step before.
+                    logits = model(idx[:, cache[0].n_tokens :], cache=cache)[:, -1, :]  # (batch, vocab_size)
+                else:
+                    # No cache, or the sequence outgrew context_size: the model sees the last context_size
+                    # tokens at positions 0.. which all shift by one at each step, so every key and value
+                    # changes and there is nothing to reuse; recompute them all (as without a cache).
+                    logits = model(idx[:, -context_size:])[:, -1, :]  # (batch, vocab_size): the last position
                 idx_next = next_token(logits, temperature, top_k, generator)  # (batch, 1)
                 if eos_id is not None and bool((idx_next == eos_id).all()):
                     break

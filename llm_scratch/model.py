@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llm_scratch.attention import MultiHeadAttention
+from llm_scratch.attention import KVCache, MultiHeadAttention
 from llm_scratch.config import GPTConfig
 
 
@@ -72,8 +72,8 @@ class TransformerBlock(nn.Module):
         self.ff = FeedForward(cfg)
         self.drop_shortcut = nn.Dropout(cfg.drop_rate)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.drop_shortcut(self.att(self.norm1(x)))  # (batch, n_tokens, emb_dim)
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        x = x + self.drop_shortcut(self.att(self.norm1(x), cache))  # (batch, n_tokens, emb_dim)
         x = x + self.drop_shortcut(self.ff(self.norm2(x)))
         return x
 
@@ -82,7 +82,8 @@ class GPTModel(nn.Module):
     """GPT-2: token and position embeddings, a stack of transformer blocks, a final norm, an output head.
 
     `model(idx)` maps token ids (batch, n_tokens) to logits (batch, n_tokens, vocab_size): for every
-    position, a score for each possible next token.
+    position, a score for each possible next token. `model(new_ids, cache=cache)` continues a sequence
+    whose earlier tokens are in `cache` (from `new_kv_cache`), as `generate(..., use_cache=True)` does.
     """
 
     def __init__(self, cfg: GPTConfig) -> None:
@@ -132,14 +133,34 @@ class GPTModel(nn.Module):
                 bad = low if low < 0 else high
                 raise ValueError(f"token id {bad} is outside the vocabulary [0, {self.cfg.vocab_size - 1}]")
 
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+    def new_kv_cache(self, max_tokens: int | None = None) -> list[KVCache]:
+        """An empty key/value cache for `forward(..., cache=...)`: one `KVCache` per transformer block.
+
+        `max_tokens` (default: the context length) bounds how many tokens it holds; memory comes at first use.
+        """
+        max_tokens = self.cfg.context_length if max_tokens is None else max_tokens
+        return [KVCache(max_tokens) for _ in self.blocks]
+
+    def forward(self, idx: torch.Tensor, cache: list[KVCache] | None = None) -> torch.Tensor:
         self.check_token_ids(idx)
         n_tokens = idx.shape[1]
-        positions = torch.arange(n_tokens, device=idx.device)
+        start = 0  # position of idx's first token in the whole sequence
+        if cache is not None:
+            if len(cache) != len(self.blocks):
+                raise ValueError(f"the cache has {len(cache)} layers but the model has {len(self.blocks)} "
+                                 "blocks; make it with model.new_kv_cache()")
+            start = cache[0].n_tokens  # the cached tokens come first, so idx continues after them
+            if start + n_tokens > self.cfg.context_length:
+                raise ValueError(
+                    f"the cache holds {start} tokens and {n_tokens} new ones make {start + n_tokens}, more "
+                    f"than the model's context length {self.cfg.context_length}; start a new cache from the "
+                    f"last tokens (at most {self.cfg.context_length})"
+                )
+        positions = torch.arange(start, start + n_tokens, device=idx.device)  # (n_tokens,)
         x = self.tok_emb(idx) + self.pos_emb(positions)  # (batch, n_tokens, emb_dim)
         x = self.drop_emb(x)
-        for block in self.blocks:
-            x = block(x)  # (batch, n_tokens, emb_dim)
+        for i, block in enumerate(self.blocks):
+            x = block(x, None if cache is None else cache[i])  # (batch, n_tokens, emb_dim)
         x = self.final_norm(x)
         return self.out_head(x)  # (batch, n_tokens, vocab_size), or (..., num_classes) for a classifier
 
