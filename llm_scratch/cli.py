@@ -9,6 +9,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import matplotlib.pyplot as plt
 import torch
 from safetensors.torch import load_file, save_file
 
@@ -115,9 +116,9 @@ def load_base(source: dict, run_dir: Path, device: torch.device) -> GPTModel:
     return GPTModel(GPTConfig.from_preset(source["model"])).to(device)
 
 
-def _title(run: dict) -> str:
-    what = "tiny model, sample data" if run["quick"] else f"{run['model']}, SMS Spam Collection"
-    return f"{run['method']}: {what} ({run['base']['note']})"
+def _setting(run: dict) -> str:
+    """What a run trained on, for figure titles: e.g. "gpt2-small, SMS Spam Collection (pretrained)"."""
+    return f"{run['model']}, {run['data']} ({run['base']['note']})"
 
 
 def finetune(args: FinetuneSettings) -> dict:
@@ -150,8 +151,9 @@ def finetune(args: FinetuneSettings) -> dict:
     accuracies = {f"{name}_accuracy": evaluate(model, loader)[1]
                   for name, loader in zip(("train", "validation", "test"), loaders[:3], strict=True)}
 
-    run = {"method": method, "model": source["model"], "quick": quick, "base": source, "labels": list(LABELS),
-           "max_length": loaders.max_length, "rank": args.rank, "alpha": args.alpha}
+    data = "sample data" if quick and args.data is None else "SMS Spam Collection"
+    run = {"method": method, "model": source["model"], "quick": quick, "data": data, "base": source,
+           "labels": list(LABELS), "max_length": loaders.max_length, "rank": args.rank, "alpha": args.alpha}
     if method == "lora":
         saved = save_lora(model, out / ADAPTER_FILE, base_model=source["model"], also=("out_head",))
     else:  # the tensors that training changed: all of them (full) or the last block, final norm and head
@@ -163,15 +165,16 @@ def finetune(args: FinetuneSettings) -> dict:
 
     metrics = {
         **run, **accuracies, "epochs": epochs, "lr": lr, "batch_size": args.batch_size, "bucket": args.bucket,
-        "seed": args.seed,
-        "device": str(device), "trainable_parameters": summary.trainable, "total_parameters": summary.base,
+        "seed": args.seed, "device": str(device),
+        "trainable_parameters": summary.trainable, "total_parameters": summary.base,
         "train_time_s": history.wall_time_s, "peak_memory_mb": history.peak_memory_mb,
         "peak_memory_kind": history.peak_memory_kind, "saved_file": saved.name,
         "saved_file_mb": saved.stat().st_size / 2**20, "history": history.to_dict(),
     }
     (out / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n")
-    save_figure(plot_losses(history, f"Loss. {_title(run)}"), "loss.png", out)
-    save_figure(plot_accuracy(history, f"Accuracy. {_title(run)}"), "accuracy.png", out)
+    save_figure(plot_losses(history, f"{method} loss: {_setting(run)}"), "loss.png", out)
+    save_figure(plot_accuracy(history, f"{method} accuracy: {_setting(run)}"), "accuracy.png", out)
+    plt.close("all")  # the figures are in files; a long --compare would otherwise keep them all open
     train_acc, val_acc, test_acc = accuracies.values()
     print(f"{method}: train {train_acc:.1%}, validation {val_acc:.1%}, test {test_acc:.1%} accuracy "
           f"in {history.wall_time_s:.0f} s; "
@@ -187,7 +190,7 @@ def compare(args: FinetuneSettings, methods: tuple[str, ...] = METHODS, command:
     out = Path(args.out) if args.out is not None else Path("runs") / "compare"
     results = {m: finetune(dataclasses.replace(args, method=m, out=out / m)) for m in methods}
     first = next(iter(results.values()))
-    setting = _title(first).split(": ", 1)[1]  # e.g. "gpt2-small, SMS Spam Collection (pretrained)"
+    setting = _setting(first)
     header = ("| method | trainable parameters | test accuracy | validation accuracy | training time | "
               "peak memory | saved file |\n|---|---:|---:|---:|---:|---:|---:|\n")
     rows = "".join(
@@ -200,6 +203,7 @@ def compare(args: FinetuneSettings, methods: tuple[str, ...] = METHODS, command:
         note += f"Command: `{command}`\n"
     (out / "comparison.md").write_text(header + rows + note)
     save_figure(plot_comparison(results, f"Methods compared ({setting})"), "comparison.png", out)
+    plt.close("all")
     print(header + rows + note)
     return results
 
