@@ -177,7 +177,7 @@ def finetune(args: FinetuneSettings) -> dict:
     plt.close("all")  # the figures are in files; a long --compare would otherwise keep them all open
     train_acc, val_acc, test_acc = accuracies.values()
     print(f"{method}: train {train_acc:.1%}, validation {val_acc:.1%}, test {test_acc:.1%} accuracy "
-          f"in {history.wall_time_s:.0f} s; "
+          f"in {history.wall_time_s:.1f} s; "
           f"wrote {out}/{{{RUN_FILE}, {METRICS_FILE}, loss.png, accuracy.png, {saved.name}}}")
     return metrics
 
