@@ -11,10 +11,11 @@ from pathlib import Path
 
 import matplotlib.pyplot as plt
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from llm_scratch.classifier import add_classification_head, classify, evaluate
 from llm_scratch.config import GPTConfig, pick_device, quick_mode
+from llm_scratch.files import save_safetensors
 from llm_scratch.lora import load_lora, parameter_summary, save_lora
 from llm_scratch.model import GPTModel
 from llm_scratch.plots import plot_accuracy, plot_comparison, plot_losses, save_figure
@@ -160,7 +161,7 @@ def finetune(args: FinetuneSettings) -> dict:
         trained = {name: p.detach().cpu().contiguous()
                    for name, p in model.named_parameters() if p.requires_grad}
         saved = out / WEIGHTS_FILE
-        save_file(trained, str(saved), metadata={"method": method, "base_model": source["model"]})
+        save_safetensors(trained, saved, metadata={"method": method, "base_model": source["model"]})
     (out / RUN_FILE).write_text(json.dumps(run, indent=2) + "\n")
 
     metrics = {

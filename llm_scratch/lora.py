@@ -24,9 +24,10 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
+from llm_scratch.files import save_safetensors
 from llm_scratch.model import count_parameters
 
 # Named groups of layers for `targets`; the names are those of llm_scratch.model / llm_scratch.attention.
@@ -383,9 +384,8 @@ def save_lora(
         "also": json.dumps(also),
     }
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     # safetensors wants contiguous CPU tensors that share no memory with each other.
-    save_file({k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}, str(path), metadata)
+    save_safetensors({k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}, path, metadata)
     return path
 
 

@@ -18,9 +18,9 @@ import torch
 from huggingface_hub import constants as hf_constants
 from huggingface_hub import hf_hub_download
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
 from llm_scratch.config import PRESETS, GPTConfig, pick_device
+from llm_scratch.files import save_safetensors
 from llm_scratch.model import GPTModel
 
 # The four sizes OpenAI released, as Hugging Face hosts them (safetensors files, no TensorFlow needed).
@@ -337,9 +337,7 @@ def save_gpt2_safetensors(model: GPTModel, path: str | Path, *, hf_config: bool 
         raise ValueError(f"the model has no parameter {missing[0]!r}, so it is not a plain GPTModel; for a "
                          "model with LoRA layers, merge the adapters into the base weights first")
     tensors = {rule.hf_key: ours_to_hf(rule, params) for rule in rules}
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(path), metadata={"format": "pt", N_HEADS_METADATA_KEY: str(cfg.n_heads)})
+    path = save_safetensors(tensors, path, metadata={"format": "pt", N_HEADS_METADATA_KEY: str(cfg.n_heads)})
     if hf_config:
         path.with_name("config.json").write_text(json.dumps(hf_config_dict(cfg), indent=2) + "\n")
     return path
