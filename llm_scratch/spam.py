@@ -34,6 +34,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from llm_scratch.config import quick_mode
+from llm_scratch.files import atomic_path
 from llm_scratch.tokenizer import EOS_ID, get_tokenizer
 
 LABELS = ("ham", "spam")  # index = class id: ham is 0, spam is 1
@@ -270,7 +271,6 @@ def _download_and_verify(url: str, target: Path, timeout: float,
     fd, zip_name = tempfile.mkstemp(prefix=".download-", suffix=".zip.part", dir=folder)
     os.close(fd)
     zip_path = Path(zip_name)
-    text_path: Path | None = None
     try:
         _fetch(url, zip_path, timeout, progress)
         if not zipfile.is_zipfile(zip_path):
@@ -279,16 +279,10 @@ def _download_and_verify(url: str, target: Path, timeout: float,
         text = _sms_file_from_zip(zip_path, url)
         rows = parse_sms_spam(text, f"{url}:{SMS_FILE_NAME}")
         check_counts(rows, expected_counts, f"{url}:{SMS_FILE_NAME}")
-        fd, text_name = tempfile.mkstemp(prefix=".sms-", suffix=".part", dir=folder)
-        text_path = Path(text_name)
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as file:
-            file.write(text)
-        os.replace(text_path, target)  # atomic on one file system: the cache sees all of the file or none
-        text_path = None
+        with atomic_path(target) as part:  # the cache sees all of the file or none of it
+            part.write_text(text, encoding="utf-8", newline="")
     finally:
         zip_path.unlink(missing_ok=True)
-        if text_path is not None:
-            text_path.unlink(missing_ok=True)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -326,19 +320,11 @@ def split(rows: Sequence[SpamRow], seed: int = 123,
 
 def write_split_csv(rows: Iterable[SpamRow], path: str | Path) -> Path:
     """Write rows as a CSV file with the header `text,label` (quoted where needed), atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, part_name = tempfile.mkstemp(prefix=f".{path.name}-", suffix=".part", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as file:
-            writer = csv.writer(file)
-            writer.writerow(["text", "label"])
-            writer.writerows((row.text, row.label) for row in rows)
-        os.replace(part_name, path)
-    except BaseException:
-        Path(part_name).unlink(missing_ok=True)
-        raise
-    return path
+    with atomic_path(path) as part, open(part, "w", encoding="utf-8", newline="") as file:
+        writer = csv.writer(file)
+        writer.writerow(["text", "label"])
+        writer.writerows((row.text, row.label) for row in rows)
+    return Path(path)
 
 
 def read_split_csv(path: str | Path) -> list[SpamRow]:
