@@ -13,8 +13,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -24,6 +22,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from bench_generate import machine_description  # benchmarks/ is on the path when run as a script
 
 from llm_scratch.classifier import add_classification_head, classification_loss
 from llm_scratch.config import GPTConfig
@@ -168,16 +167,6 @@ def epoch_times(args: argparse.Namespace, cfg: GPTConfig) -> tuple[dict[str, flo
     return seconds, tokens
 
 
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                   if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} threads, torch {torch.__version__}"
-
-
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -222,7 +211,7 @@ def report(r: dict, args: argparse.Namespace, command: str) -> str:
     s, m = r["step_s"], r["peak_mb"]
     mem = {name: f"{m[name]:,.0f} MB" if name in m else "-" for name in MODELS}
     lines = [
-        f"Machine: {machine()}",
+        f"Machine: {machine_description()}",
         f"Command: `{command}`",
         "",
         f"Training step of a {args.preset}-shaped classifier, batch {args.batch_size} x {args.tokens} tokens "

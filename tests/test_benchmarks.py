@@ -8,15 +8,16 @@ from pathlib import Path
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
-def load_script(name: str):
+def load_script(name: str, monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))  # as when run as a script: the scripts import each other
     spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
-def test_bench_finetune_smoke(capsys):
-    results = load_script("bench_finetune").main(["--smoke"])
+def test_bench_finetune_smoke(capsys, monkeypatch):
+    results = load_script("bench_finetune", monkeypatch).main(["--smoke"])
     table = capsys.readouterr().out
     assert "| ours full / HF full (step time) |" in table and "| length-bucketed batches |" in table
     assert set(results["step_s"]) == {"ours full", "hf full", "ours lora", "hf+peft lora"}
