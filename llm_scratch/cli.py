@@ -139,8 +139,7 @@ def finetune(args: FinetuneSettings) -> dict:
     source = _base_source(args, quick, out)
     model = load_base(source, out, device)
     add_classification_head(model, num_classes=len(LABELS), seed=args.seed)
-    torch.manual_seed(args.seed)  # LoRA's A matrices start random: the same seed, the same start
-    prepare_for_method(model, method, rank=args.rank, alpha=args.alpha)
+    prepare_for_method(model, method, rank=args.rank, alpha=args.alpha, seed=args.seed)
     summary = parameter_summary(model, verbose=False)
     print(f"{method}: {summary}  |  device {device}  |  {source['note']}")
     loaders = spam_dataloaders(splits, batch_size=args.batch_size, context_length=model.cfg.context_length,

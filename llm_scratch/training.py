@@ -29,12 +29,18 @@ METHODS = ("full", "last-block", "lora")
 DEFAULT_LR = {"full": 5e-5, "last-block": 5e-5, "lora": 5e-4}
 
 
-def prepare_for_method(model: GPTModel, method: str, rank: int = 16, alpha: float = 16.0) -> list[str]:
+def prepare_for_method(
+    model: GPTModel, method: str, rank: int = 16, alpha: float = 16.0, seed: int = 123
+) -> list[str]:
     """Decide which parameters train: every one (full), the last block + final norm + head (last-block),
-    or new LoRA matrices beside every Linear in the blocks + the head (lora). Returns the names trained."""
+    or new LoRA matrices beside every Linear in the blocks + the head (lora). Returns the names trained.
+
+    `seed` fixes the random start of LoRA's A matrices: the same seed, the same adapter at step 0.
+    """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
     if method == "lora":
+        torch.manual_seed(seed)
         replace_linear_with_lora(model, rank=rank, alpha=alpha)
         mark_only_lora_trainable(model, also=("out_head",))
     else:

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from llm_scratch import GPTConfig, GPTModel, text_to_ids
-from llm_scratch.classifier import add_classification_head, classify, evaluate, last_token_logits
+from llm_scratch.classifier import accuracy, add_classification_head, classify, evaluate, last_token_logits
 from llm_scratch.spam import SpamDataset, collate_spam, load_sample, load_spam_splits, spam_dataloaders
 from llm_scratch.training import History, prepare_for_method, train_classifier
 
@@ -111,3 +111,25 @@ def test_methods_train_what_they_say():
     assert counts["lora"] == 2 * (4 * 4 * (d + d) + 2 * 4 * (d + 4 * d)) + (2 * d + 2)
     with pytest.raises(ValueError, match="unknown method 'adapter'"):
         prepare_for_method(tiny_classifier(), "adapter")
+
+
+def test_lora_start_depends_on_the_seed_only():
+    starts = []
+    for noise, seed in [(1, 7), (2, 7), (1, 8)]:
+        model = tiny_classifier()
+        torch.manual_seed(noise)  # whatever random numbers were drawn before must not matter
+        prepare_for_method(model, "lora", rank=4, alpha=8, seed=seed)
+        starts.append(model.blocks[0].att.W_query.lora.A.detach().clone())
+    assert torch.equal(starts[0], starts[1]) and not torch.equal(starts[0], starts[2])
+
+
+def test_accuracy_counts_correct_predictions():
+    model = tiny_classifier()
+    loaders = _quick_loaders()
+    correct = seen = 0
+    with torch.no_grad():
+        for batch in loaders.validation:
+            predicted = last_token_logits(model(batch.input_ids), batch.lengths).argmax(dim=-1)
+            correct += int((predicted == batch.labels).sum())
+            seen += len(batch.labels)
+    assert accuracy(model, loaders.validation) == correct / seen
