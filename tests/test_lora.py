@@ -421,12 +421,17 @@ def test_matches_peft_merged_and_unmerged(use_rslora: bool, tmp_path: Path):
     with torch.no_grad():
         expected = hf_lora(input_ids=idx).logits
         got = ours(idx)
-        assert (got - expected).abs().max() < 1e-5
+        unmerged_diff = (got - expected).abs().max().item()
+        assert unmerged_diff < 1e-5
         assert (expected - _without_adapters(hf_lora, idx)).abs().max() > 1e-3  # LoRA really changed it
 
         merged_hf = hf_lora.merge_and_unload()(input_ids=idx).logits
         merge_lora(ours)
-        assert (ours(idx) - merged_hf).abs().max() < 1e-5
+        merged_diff = (ours(idx) - merged_hf).abs().max().item()
+        assert merged_diff < 1e-5
+    kind = "rsLoRA" if use_rslora else "LoRA"
+    print(f"{kind} vs PEFT: max |logit difference| unmerged {unmerged_diff:.1e}, "
+          f"merged {merged_diff:.1e}")
 
 
 def _without_adapters(peft_model, idx: torch.Tensor) -> torch.Tensor:
