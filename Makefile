@@ -27,7 +27,7 @@ $(VENV)/.installed-test: $(BIN)/python pyproject.toml
 # The main job: LoRA fine-tuning of GPT-2 124M on the SMS Spam Collection (`make run ARGS=--quick`: no network).
 ARGS ?=
 run: $(VENV)/.installed
-	$(BIN)/python -m llm_scratch finetune --method lora --model gpt2-small --epochs 5 --out runs/lora $(ARGS)
+	$(BIN)/python -m llm_scratch finetune --method lora --model-name gpt2-small --epochs 5 --out runs/lora $(ARGS)
 
 # Execute every notebook top to bottom (full mode unless LLM_SCRATCH_QUICK=1); executed copies go to runs/.
 notebooks: $(VENV)/.installed

@@ -11,6 +11,7 @@ busy moment of the machine slows both alike. Peak memory is measured in a fresh 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import json
 import statistics
@@ -26,9 +27,9 @@ from bench_generate import machine_description  # benchmarks/ is on the path whe
 
 from llm_scratch.classifier import add_classification_head, classification_loss
 from llm_scratch.config import GPTConfig
+from llm_scratch.data import SpamBatch, load_spam_splits, spam_dataloaders
+from llm_scratch.finetune import CLASSIFIER_LORA, prepare_for_method
 from llm_scratch.model import GPTModel
-from llm_scratch.spam import SpamBatch, load_spam_splits, spam_dataloaders
-from llm_scratch.training import prepare_for_method
 
 SHARED_SMS = Path(__file__).resolve().parents[2] / "shared" / "data" / "sms_spam" / "SMSSpamCollection"
 MODELS = ("ours full", "hf full", "ours lora", "hf+peft lora")
@@ -39,7 +40,8 @@ def build(name: str, cfg: GPTConfig, rank: int, alpha: float, seed: int = 123) -
     torch.manual_seed(seed)
     if name.startswith("ours"):
         model = add_classification_head(GPTModel(cfg), num_classes=2, seed=seed)
-        prepare_for_method(model, name.split()[1], rank=rank, alpha=alpha)
+        lora_config = dataclasses.replace(CLASSIFIER_LORA, rank=rank, alpha=alpha)
+        prepare_for_method(model, name.split()[1], lora_config)
         return model.train()
     from transformers import GPT2Config, GPT2ForSequenceClassification
 
@@ -134,12 +136,12 @@ def epoch_times(args: argparse.Namespace, cfg: GPTConfig) -> tuple[dict[str, flo
     The three loaders are stepped in turn, batch by batch, so that the machine's load affects them alike.
     """
     if args.smoke:
-        splits = load_spam_splits(quick=True, write_csv=False)
+        splits = load_spam_splits(quick=True)
     else:
         if args.data is None or not Path(args.data).exists():
-            raise SystemExit(f"the SMS Spam Collection is needed for the epoch timing: pass --data PATH "
+            raise SystemExit(f"the SMS Spam Collection is needed for the epoch timing: pass --data-path PATH "
                              f"(default {SHARED_SMS} is absent)")
-        splits = load_spam_splits(source=args.data, write_csv=False)
+        splits = load_spam_splits(data_path=args.data)
     common = {"batch_size": args.batch_size, "context_length": cfg.context_length}
     fixed = f"fixed {args.fixed_pad}-token padding"
     loaders = {
@@ -178,7 +180,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--fixed-pad", type=int, default=120)
-    parser.add_argument("--data", default=str(SHARED_SMS), help="the SMSSpamCollection file for the epoch")
+    parser.add_argument("--data-path", dest="data", default=str(SHARED_SMS),
+                        help="the SMSSpamCollection file for the epoch")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes, a few steps (CI)")
     parser.add_argument("--memory-of", choices=MODELS, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -192,6 +195,8 @@ def main(argv: list[str] | None = None) -> dict:
     batch = random_batch(args.batch_size, args.tokens, cfg.vocab_size)
 
     models = {name: build(name, cfg, args.rank, args.alpha) for name in MODELS}
+    trainable = {name: sum(p.numel() for p in model.parameters() if p.requires_grad)
+                 for name, model in models.items()}
     steps = {name: train_step(model) for name, model in models.items()}
     calls = {name: (lambda step=step: step(batch)) for name, step in steps.items()}
     step_s = time_alternately(calls, args.warmup, args.repeats)
@@ -202,7 +207,7 @@ def main(argv: list[str] | None = None) -> dict:
     epoch_s, epoch_tokens = epoch_times(args, cfg)
 
     results = {"step_s": step_s, "peak_mb": memory, "matmul_gflops": matmul, "step_gflops": achieved,
-               "epoch_s": epoch_s, "epoch_tokens": epoch_tokens}
+               "epoch_s": epoch_s, "epoch_tokens": epoch_tokens, "trainable": trainable}
     print(report(results, args, command))
     return results
 

@@ -9,6 +9,15 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def causal_mask(n_q: int, n_k: int, device: torch.device | str | None = None) -> torch.Tensor:
+    """(n_q, n_k) booleans, True where a query may look at a key: at its own position and before.
+
+    The queries are the last n_q of n_k positions (n_k > n_q when earlier keys are cached), so query i sits
+    at position n_k - n_q + i and sees keys 0 .. n_k - n_q + i, never the future.
+    """
+    return torch.ones(n_q, n_k, dtype=torch.bool, device=device).tril(diagonal=n_k - n_q)
+
+
 def causal_attention(
     queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, dropout: nn.Module | None = None
 ) -> torch.Tensor:
@@ -19,9 +28,8 @@ def causal_attention(
     """
     n_q, n_k = queries.shape[-2], keys.shape[-2]
     scores = queries @ keys.transpose(-2, -1)  # (..., n_q, n_k): how well each query matches each key
-    # Query i sits at position n_k - n_q + i and may only look at keys up to there, never at the future.
-    future = torch.ones(n_q, n_k, dtype=torch.bool, device=scores.device).triu(diagonal=n_k - n_q + 1)
-    scores = scores.masked_fill(future, float("-inf"))
+    allowed = causal_mask(n_q, n_k, scores.device)  # (n_q, n_k)
+    scores = scores.masked_fill(~allowed, float("-inf"))  # a score of -inf gets a softmax weight of 0
     # Dividing by sqrt(head_dim) keeps the scores' variance near 1, so softmax does not saturate.
     weights = torch.softmax(scores / math.sqrt(keys.shape[-1]), dim=-1)  # each row sums to 1
     if dropout is not None:
@@ -133,10 +141,7 @@ class MultiHeadAttention(nn.Module):
                 # SDPA's is_causal aligns its mask to the top left, i.e. as if the queries were the first
                 # positions; ours are the last n_tokens of n_k, so we give the mask ourselves (True = may
                 # attend). A single new token may attend to every key, so it needs no mask at all.
-                mask = None
-                if n_tokens > 1:
-                    n_k = keys.shape[-2]
-                    mask = torch.ones(n_tokens, n_k, dtype=torch.bool, device=x.device).tril(n_k - n_tokens)
+                mask = causal_mask(n_tokens, keys.shape[-2], x.device) if n_tokens > 1 else None
                 context = F.scaled_dot_product_attention(queries, keys, values, attn_mask=mask, dropout_p=p)
         else:
             context = causal_attention(queries, keys, values, self.dropout)  # handles n_k > n_q itself

@@ -7,8 +7,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llm_scratch.model import GPTModel
+from llm_scratch.model import GPTModel, eval_mode
 from llm_scratch.tokenizer import get_tokenizer
+from llm_scratch.training import History, train
 
 
 def add_classification_head(model: GPTModel, num_classes: int = 2, seed: int = 123) -> GPTModel:
@@ -47,28 +48,35 @@ def classification_loss(model: nn.Module, batch) -> torch.Tensor:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader, max_batches: int | None = None) -> tuple[float, float]:
-    """Mean loss and accuracy over `loader` (or its first `max_batches` batches), in eval mode."""
-    was_training = model.training
-    model.eval()
+def evaluate(model: nn.Module, loader, max_batches: int | None = None) -> dict[str, float]:
+    """{"loss": mean loss, "accuracy": share correct} over `loader` (or its first `max_batches` batches)."""
     total_loss, correct, seen = 0.0, 0, 0
-    for i, batch in enumerate(loader):
-        if max_batches is not None and i >= max_batches:
-            break
-        logits = batch_logits(model, batch.input_ids, batch.lengths)
-        labels = batch.labels.to(logits.device)
-        total_loss += F.cross_entropy(logits, labels, reduction="sum").item()
-        correct += (logits.argmax(dim=-1) == labels).sum().item()
-        seen += len(labels)
-    model.train(was_training)
+    with eval_mode(model):
+        for i, batch in enumerate(loader):
+            if max_batches is not None and i >= max_batches:
+                break
+            logits = batch_logits(model, batch.input_ids, batch.lengths)  # (batch, classes)
+            labels = batch.labels.to(logits.device)  # (batch,)
+            total_loss += F.cross_entropy(logits, labels, reduction="sum").item()
+            correct += (logits.argmax(dim=-1) == labels).sum().item()
+            seen += len(labels)
     if seen == 0:
         raise ValueError("cannot evaluate on an empty data loader")
-    return total_loss / seen, correct / seen
+    return {"loss": total_loss / seen, "accuracy": correct / seen}
 
 
 def accuracy(model: nn.Module, loader, max_batches: int | None = None) -> float:
     """Share of correctly classified messages in `loader` (or its first `max_batches` batches)."""
-    return evaluate(model, loader, max_batches)[1]
+    return evaluate(model, loader, max_batches)["accuracy"]
+
+
+def train_classifier(model: nn.Module, train_loader, val_loader, **settings) -> History:
+    """The generic `training.train` with the classification loss, accuracy as a metric, messages as unit.
+
+    `settings` are `train`'s: epochs, lr, weight_decay, eval_every, eval_batches, seed, device, progress.
+    """
+    return train(model, train_loader, val_loader, classification_loss, evaluate_fn=evaluate,
+                 count_fn=lambda batch: len(batch.labels), unit="examples", **settings)
 
 
 @torch.no_grad()
@@ -86,11 +94,9 @@ def classify(
     ids = tokenizer.encode_ordinary(text)[:max_length]  # as SpamDataset: "<|endoftext|>" is plain text
     if not ids:
         raise ValueError("cannot classify an empty text")
-    was_training = model.training
-    model.eval()
     input_ids = torch.tensor([ids])  # (1, n_tokens)
-    probs = torch.softmax(batch_logits(model, input_ids, torch.tensor([len(ids)])), dim=-1)[0]
-    model.train(was_training)
+    with eval_mode(model):
+        probs = torch.softmax(batch_logits(model, input_ids, torch.tensor([len(ids)])), dim=-1)[0]
     if len(probs) != len(labels):
         raise ValueError(f"the model has {len(probs)} classes but {len(labels)} labels were given: {labels}")
     best = int(probs.argmax())

@@ -1,10 +1,14 @@
-"""Model sizes (the `GPTConfig` dataclass and the GPT-2 presets) and run settings (quick mode, device)."""
+"""Model sizes (the `GPTConfig` dataclass and the GPT-2 presets) and run settings (quick mode, device).
+
+This is the one module that reads environment variables; every other module asks the functions below.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -61,9 +65,48 @@ PRESETS: dict[str, GPTConfig] = {
 }
 
 
+QUICK_ENV = "LLM_SCRATCH_QUICK"  # 1/true/yes/on: tiny model, shipped data, a few steps, no network
+DATA_ENV = "LLM_SCRATCH_DATA"  # the cache folder for downloaded data (default ~/.cache/llm-scratch)
+SMS_URLS_ENV = "LLM_SCRATCH_SMS_URLS"  # comma-separated URLs of the SMS Spam Collection zip, tried in order
+FIGURES_ENV = "LLM_SCRATCH_FIGURES"  # where figures go (default: the project's figures/ folder)
+RUNS_ENV = "LLM_SCRATCH_RUNS"  # where notebooks write their run files (default: the project's runs/)
+
+
 def quick_mode() -> bool:
-    """True when LLM_SCRATCH_QUICK is set to 1/true/yes: tiny model, sample data, a few steps, no network."""
-    return os.environ.get("LLM_SCRATCH_QUICK", "").strip().lower() in {"1", "true", "yes", "on"}
+    """True when LLM_SCRATCH_QUICK is 1/true/yes/on: tiny model, shipped data, a few steps, no network."""
+    return os.environ.get(QUICK_ENV, "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+def data_dir() -> Path:
+    """The cache folder for downloaded data: $LLM_SCRATCH_DATA if set, else ~/.cache/llm-scratch."""
+    if os.environ.get(DATA_ENV):
+        return Path(os.environ[DATA_ENV]).expanduser()
+    return Path.home() / ".cache" / "llm-scratch"
+
+
+def sms_urls_from_env() -> list[str]:
+    """The URLs in $LLM_SCRATCH_SMS_URLS (comma-separated, blanks dropped); empty when it is unset."""
+    return [url.strip() for url in os.environ.get(SMS_URLS_ENV, "").split(",") if url.strip()]
+
+
+def _project_dir() -> Path:
+    """The project's root as seen from where Python runs: the parent of `notebooks/` inside a notebook."""
+    cwd = Path.cwd()
+    return cwd.parent if cwd.name == "notebooks" else cwd
+
+
+def figures_dir() -> Path:
+    """Where figures go: $LLM_SCRATCH_FIGURES if set, else the project's `figures/` folder."""
+    if os.environ.get(FIGURES_ENV):
+        return Path(os.environ[FIGURES_ENV]).expanduser()
+    return _project_dir() / "figures"
+
+
+def runs_dir() -> Path:
+    """Where run files go (weights, adapters, executed notebooks): $LLM_SCRATCH_RUNS, else `runs/`."""
+    if os.environ.get(RUNS_ENV):
+        return Path(os.environ[RUNS_ENV]).expanduser()
+    return _project_dir() / "runs"
 
 
 def pick_device(override: str | None = None) -> torch.device:

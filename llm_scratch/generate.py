@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from llm_scratch.model import eval_mode
+
 
 def generate(
     model: nn.Module,
@@ -44,26 +46,21 @@ def generate(
     if seed is not None:
         generator = torch.Generator(device=idx.device).manual_seed(seed)
 
-    was_training = model.training
-    model.eval()  # no dropout while generating
-    try:
-        with torch.no_grad():
-            for _ in range(max_new_tokens):
-                if cache is not None and idx.shape[1] <= context_size:
-                    # Feed only the tokens the cache has not seen yet: the whole prompt at the first step,
-                    # then the one token chosen at the step before.
-                    logits = model(idx[:, cache[0].n_tokens :], cache=cache)[:, -1, :]  # (batch, vocab_size)
-                else:
-                    # No cache, or the sequence outgrew context_size: the model sees the last context_size
-                    # tokens at positions 0.. which all shift by one at each step, so every key and value
-                    # changes and there is nothing to reuse; recompute them all (as without a cache).
-                    logits = model(idx[:, -context_size:])[:, -1, :]  # (batch, vocab_size): the last position
-                idx_next = next_token(logits, temperature, top_k, generator)  # (batch, 1)
-                if eos_id is not None and bool((idx_next == eos_id).all()):
-                    break
-                idx = torch.cat([idx, idx_next], dim=1)  # (batch, n_tokens + 1)
-    finally:
-        model.train(was_training)
+    with eval_mode(model), torch.no_grad():  # no dropout while generating
+        for _ in range(max_new_tokens):
+            if cache is not None and idx.shape[1] <= context_size:
+                # Feed only the tokens the cache has not seen yet: the whole prompt at the first step,
+                # then the one token chosen at the step before.
+                logits = model(idx[:, cache[0].n_tokens :], cache=cache)[:, -1, :]  # (batch, vocab_size)
+            else:
+                # No cache, or the sequence outgrew context_size: the model sees the last context_size
+                # tokens at positions 0.. which all shift by one at each step, so every key and value
+                # changes and there is nothing to reuse; recompute them all (as without a cache).
+                logits = model(idx[:, -context_size:])[:, -1, :]  # (batch, vocab_size): the last position
+            idx_next = next_token(logits, temperature, top_k, generator)  # (batch, 1)
+            if eos_id is not None and bool((idx_next == eos_id).all()):
+                break
+            idx = torch.cat([idx, idx_next], dim=1)  # (batch, n_tokens + 1)
     return idx
 
 

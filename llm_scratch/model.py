@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -127,7 +129,10 @@ class GPTModel(nn.Module):
                 f"the sequence has {n_tokens} tokens but the model's context length is {context}; "
                 f"keep the last {context} tokens: idx[:, -{context}:]"
             )
-        if idx.numel() and not self.tok_emb.weight.is_meta:
+        # The range check reads the ids' values, which on a GPU would make the CPU wait for the GPU at every
+        # call; so it runs on CPU tensors only (the package's datasets and prompts are built, and checked,
+        # on the CPU). On a GPU an id out of range still fails, inside the embedding.
+        if idx.numel() and idx.device.type == "cpu":
             low, high = int(idx.min()), int(idx.max())
             if low < 0 or high >= self.cfg.vocab_size:
                 bad = low if low < 0 else high
@@ -163,6 +168,18 @@ class GPTModel(nn.Module):
             x = block(x, None if cache is None else cache[i])  # (batch, n_tokens, emb_dim)
         x = self.final_norm(x)
         return self.out_head(x)  # (batch, n_tokens, vocab_size), or (..., num_classes) for a classifier
+
+
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Switch `model` to eval mode (no dropout) inside the `with` block, and back to its mode after it,
+    even when the block raises."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
 
 
 def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import matplotlib.pyplot as plt
+
+from llm_scratch.config import figures_dir
 
 STYLE = {
     "figure.figsize": (7.0, 4.0),
@@ -20,14 +21,6 @@ STYLE = {
 }
 COLORS = {"full": "#4C72B0", "last-block": "#DD8452", "lora": "#55A868", "train": "#4C72B0",
           "validation": "#C44E52"}
-
-
-def figures_dir() -> Path:
-    """Where figures go: $LLM_SCRATCH_FIGURES if set, else the `figures/` folder of the project."""
-    if os.environ.get("LLM_SCRATCH_FIGURES"):
-        return Path(os.environ["LLM_SCRATCH_FIGURES"])
-    cwd = Path.cwd()
-    return (cwd.parent if cwd.name == "notebooks" else cwd) / "figures"
 
 
 def new_figure(nrows: int = 1, ncols: int = 1, **kwargs):
@@ -45,24 +38,25 @@ def save_figure(fig, name: str, folder: str | Path | None = None) -> Path:
     return path
 
 
-def plot_losses(history, title: str = "", examples: bool = False):
+def plot_losses(history, title: str = "", seen: bool = False):
     """Training loss of every step (faint), and training and validation loss at each evaluation.
 
-    The x-axis counts examples seen when `examples` is True, else epochs (fractional).
+    The x-axis counts what training has seen (examples or tokens, `history.unit`) when `seen` is True,
+    else epochs (fractional).
     """
     fig, ax = new_figure()
-    per_epoch = history.step_examples[-1] / max(len(history.epoch_val_accuracy), 1)
+    per_epoch = history.step_seen[-1] / max(len(history.epoch_metrics.get("validation_loss", [])), 1)
 
-    def x_of(step_examples):  # examples seen -> the chosen x-axis
-        return step_examples if examples else [n / per_epoch for n in step_examples]
+    def x_of(counts):  # examples or tokens seen -> the chosen x-axis
+        return counts if seen else [n / per_epoch for n in counts]
 
-    ax.plot(x_of(history.step_examples), history.step_loss, color=COLORS["train"], alpha=0.25, lw=1,
+    ax.plot(x_of(history.step_seen), history.step_loss, color=COLORS["train"], alpha=0.25, lw=1,
             label="training loss (each step)")
-    ax.plot(x_of(history.eval_examples), history.eval_train_loss, color=COLORS["train"], marker="o", ms=3,
+    ax.plot(x_of(history.eval_seen), history.eval_train_loss, color=COLORS["train"], marker="o", ms=3,
             label="training loss")
-    ax.plot(x_of(history.eval_examples), history.eval_val_loss, color=COLORS["validation"], marker="o", ms=3,
+    ax.plot(x_of(history.eval_seen), history.eval_val_loss, color=COLORS["validation"], marker="o", ms=3,
             label="validation loss")
-    ax.set_xlabel("examples seen" if examples else "epochs")
+    ax.set_xlabel(f"{history.unit} seen" if seen else "epochs")
     ax.set_ylabel("cross-entropy loss")
     ax.set_title(title or "Loss")
     ax.legend()
@@ -72,10 +66,11 @@ def plot_losses(history, title: str = "", examples: bool = False):
 def plot_accuracy(history, title: str = ""):
     """Training and validation accuracy after each epoch."""
     fig, ax = new_figure()
-    epochs = range(1, len(history.epoch_val_accuracy) + 1)
-    ax.plot(epochs, [100 * a for a in history.epoch_train_accuracy], color=COLORS["train"], marker="o",
+    metrics = history.epoch_metrics
+    epochs = range(1, len(metrics["validation_accuracy"]) + 1)
+    ax.plot(epochs, [100 * a for a in metrics["train_accuracy"]], color=COLORS["train"], marker="o",
             label="training (a few batches)")
-    ax.plot(epochs, [100 * a for a in history.epoch_val_accuracy], color=COLORS["validation"], marker="o",
+    ax.plot(epochs, [100 * a for a in metrics["validation_accuracy"]], color=COLORS["validation"], marker="o",
             label="validation")
     ax.set_xlabel("epoch")
     ax.set_ylabel("accuracy (%)")

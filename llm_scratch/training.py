@@ -1,4 +1,8 @@
-"""One training loop for every fine-tuning method (full, last block, LoRA), with its history."""
+"""One training loop for any model and any loss (fine-tuning a classifier, pretraining a language model).
+
+The loop knows nothing of what it trains: the caller passes the loss, `loss_fn(model, batch) -> loss`, and
+optionally `evaluate_fn(model, loader, max_batches) -> {"loss": ..., other metrics}`.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +11,7 @@ import resource
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -14,55 +19,26 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from llm_scratch.classifier import classification_loss, evaluate
 from llm_scratch.config import pick_device
-from llm_scratch.lora import mark_only_lora_trainable, replace_linear_with_lora
-from llm_scratch.model import GPTModel
+from llm_scratch.model import eval_mode
 
-METHODS = ("full", "last-block", "lora")
-
-# Learning rates for AdamW, per method. Full and last-block fine-tuning move pretrained weights, so they
-# take the small step size usual for fine-tuning a pretrained transformer (5e-5). LoRA trains only the new
-# A and B matrices (and the new head) starting from B = 0; with the alpha / rank scaling (alpha = rank
-# here, so a scaling of 1) the update of W is A @ B itself, and a 10x larger step (5e-4) lets it grow
-# in a few epochs, as is common for LoRA.
-DEFAULT_LR = {"full": 5e-5, "last-block": 5e-5, "lora": 5e-4}
-
-
-def prepare_for_method(
-    model: GPTModel, method: str, rank: int = 16, alpha: float = 16.0, seed: int = 123
-) -> list[str]:
-    """Decide which parameters train: every one (full), the last block + final norm + head (last-block),
-    or new LoRA matrices beside every Linear in the blocks + the head (lora). Returns the names trained.
-
-    `seed` fixes the random start of LoRA's A matrices: the same seed, the same adapter at step 0.
-    """
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
-    if method == "lora":
-        torch.manual_seed(seed)
-        replace_linear_with_lora(model, rank=rank, alpha=alpha)
-        mark_only_lora_trainable(model, also=("out_head",))
-    else:
-        trained_parts = (f"blocks.{len(model.blocks) - 1}.", "final_norm.", "out_head.")
-        for name, param in model.named_parameters():
-            param.requires_grad = method == "full" or name.startswith(trained_parts)
-    return [name for name, param in model.named_parameters() if param.requires_grad]
+LossFn = Callable[[nn.Module, object], torch.Tensor]  # (model, batch) -> the batch's mean loss
+EvaluateFn = Callable[[nn.Module, DataLoader, "int | None"], dict[str, float]]
 
 
 @dataclass
 class History:
     """What happened during training, for plots and for `metrics.json`."""
 
+    unit: str = "examples"  # what `seen` counts: "examples" (messages) or "tokens"
     step_loss: list[float] = field(default_factory=list)  # training loss of every step
-    step_examples: list[int] = field(default_factory=list)  # examples seen after every step
-    eval_examples: list[int] = field(default_factory=list)  # examples seen at each evaluation
+    step_seen: list[int] = field(default_factory=list)  # examples (or tokens) seen after every step
+    eval_seen: list[int] = field(default_factory=list)  # examples (or tokens) seen at each evaluation
     eval_train_loss: list[float] = field(default_factory=list)  # loss on a few training batches
-    eval_val_loss: list[float] = field(default_factory=list)
-    eval_val_accuracy: list[float] = field(default_factory=list)
-    epoch_train_accuracy: list[float] = field(default_factory=list)  # on up to `eval_batches` batches
-    epoch_val_accuracy: list[float] = field(default_factory=list)  # on the whole validation set
-    epoch_val_loss: list[float] = field(default_factory=list)
+    eval_val_loss: list[float] = field(default_factory=list)  # loss on a few validation batches
+    # After each epoch, every metric of `evaluate_fn` on a few training batches ("train_loss",
+    # "train_accuracy", ...) and on the whole validation set ("validation_loss", ...).
+    epoch_metrics: dict[str, list[float]] = field(default_factory=dict)
     wall_time_s: float = 0.0
     peak_memory_mb: float = 0.0
     peak_memory_kind: str = ""  # what `peak_memory_mb` measured on this device
@@ -115,11 +91,29 @@ def _rss_mb() -> float:
         return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
 
 
-def train_classifier(
+@torch.no_grad()
+def mean_loss(model: nn.Module, loader, loss_fn: LossFn, max_batches: int | None = None) -> dict[str, float]:
+    """{"loss": mean of `loss_fn` over `loader`'s first `max_batches` batches (all if None)}, eval mode."""
+    losses = []
+    with eval_mode(model):
+        for i, batch in enumerate(loader):
+            if max_batches is not None and i >= max_batches:
+                break
+            losses.append(loss_fn(model, batch).item())
+    if not losses:
+        raise ValueError("cannot evaluate on an empty data loader")
+    return {"loss": sum(losses) / len(losses)}
+
+
+def train(
     model: nn.Module,
-    train_loader,
-    val_loader,
+    train_loader: DataLoader,
+    val_loader: DataLoader,
+    loss_fn: LossFn,
     *,
+    evaluate_fn: EvaluateFn | None = None,
+    count_fn: Callable[[object], int] = len,
+    unit: str = "examples",
     epochs: int = 5,
     lr: float = 5e-5,
     weight_decay: float = 0.01,
@@ -128,18 +122,25 @@ def train_classifier(
     seed: int = 123,
     device: str | torch.device | None = None,
     progress: bool = True,
+    on_epoch_end: Callable[[int, nn.Module], None] | None = None,
 ) -> History:
-    """Train every parameter with `requires_grad` by AdamW on the classification loss; return the History.
+    """Train every parameter with `requires_grad` by AdamW on `loss_fn`; return the History.
 
-    Every `eval_every` steps the loss on `eval_batches` training and validation batches is recorded; after
-    each epoch, the accuracy on `eval_batches` training batches and on the whole validation set.
+    `evaluate_fn` (default: the mean of `loss_fn`) measures a loader; `count_fn(batch)` says how many
+    `unit`s a batch holds. Every `eval_every` steps the loss on `eval_batches` training and validation
+    batches is recorded; after each epoch every metric on `eval_batches` training batches and on the whole
+    validation set, then `on_epoch_end(epoch, model)` runs (e.g. to print a sample).
     """
     if epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {epochs}")
+    if eval_every < 1 or eval_batches < 1:
+        raise ValueError(f"eval_every and eval_batches must be >= 1, got {eval_every} and {eval_batches}")
     trainable = [p for p in model.parameters() if p.requires_grad]
     if not trainable:
-        raise ValueError("the model has no trainable parameter; call prepare_for_method first")
-    # Loss and accuracy on the training set are estimated on its first `eval_batches` batches, read in a
+        raise ValueError("the model has no trainable parameter; choose what trains first (e.g. "
+                         "llm_scratch.finetune.prepare_for_method)")
+    evaluate_fn = evaluate_fn or (lambda m, loader, n: mean_loss(m, loader, loss_fn, n))
+    # Loss and metrics on the training set are estimated on its first `eval_batches` batches, read in a
     # fixed order: iterating the shuffled loader for that would change the order training sees.
     train_sample = DataLoader(train_loader.dataset, batch_size=train_loader.batch_size or 8,
                               collate_fn=train_loader.collate_fn)
@@ -147,8 +148,8 @@ def train_classifier(
     torch.manual_seed(seed)
     model.to(device)
     optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=weight_decay)
-    history = History(device=str(device))
-    examples, step = 0, 0
+    history = History(unit=unit, device=str(device))
+    seen, step = 0, 0
     start = time.perf_counter()
     with PeakMemory(device) as memory:
         for epoch in range(1, epochs + 1):
@@ -156,29 +157,27 @@ def train_classifier(
             bar = tqdm(train_loader, desc=f"epoch {epoch}/{epochs}", disable=not progress, leave=False)
             for batch in bar:
                 optimizer.zero_grad(set_to_none=True)
-                loss = classification_loss(model, batch)
+                loss = loss_fn(model, batch)
                 loss.backward()
                 optimizer.step()
-                examples += len(batch.labels)
+                seen += count_fn(batch)
                 step += 1
                 history.step_loss.append(loss.item())
-                history.step_examples.append(examples)
-                bar.set_postfix(loss=f"{loss.item():.3f}")
+                history.step_seen.append(seen)
+                bar.set_postfix(loss=f"{history.step_loss[-1]:.3f}")
                 if step % eval_every == 0:
-                    train_loss, _ = evaluate(model, train_sample, eval_batches)
-                    val_loss, val_acc = evaluate(model, val_loader, eval_batches)
-                    history.eval_examples.append(examples)
-                    history.eval_train_loss.append(train_loss)
-                    history.eval_val_loss.append(val_loss)
-                    history.eval_val_accuracy.append(val_acc)
-            _, train_acc = evaluate(model, train_sample, eval_batches)
-            val_loss, val_acc = evaluate(model, val_loader)
-            history.epoch_train_accuracy.append(train_acc)
-            history.epoch_val_accuracy.append(val_acc)
-            history.epoch_val_loss.append(val_loss)
+                    history.eval_seen.append(seen)
+                    history.eval_train_loss.append(evaluate_fn(model, train_sample, eval_batches)["loss"])
+                    history.eval_val_loss.append(evaluate_fn(model, val_loader, eval_batches)["loss"])
+            measured = {f"train_{k}": v for k, v in evaluate_fn(model, train_sample, eval_batches).items()}
+            measured.update({f"validation_{k}": v for k, v in evaluate_fn(model, val_loader, None).items()})
+            for name, value in measured.items():
+                history.epoch_metrics.setdefault(name, []).append(value)
             if progress:
-                tqdm.write(f"epoch {epoch}: train accuracy {train_acc:.1%} (on {eval_batches} batches), "
-                           f"validation accuracy {val_acc:.1%}, validation loss {val_loss:.3f}")
+                tqdm.write(f"epoch {epoch}: " + ", ".join(f"{k.replace('_', ' ')} {v:.3f}"
+                                                          for k, v in measured.items()))
+            if on_epoch_end is not None:
+                on_epoch_end(epoch, model)
     history.wall_time_s = time.perf_counter() - start
     history.peak_memory_mb = memory.peak_mb
     history.peak_memory_kind = memory.kind

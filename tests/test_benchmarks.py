@@ -5,6 +5,8 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
+from llm_scratch import PRESETS, get_tokenizer
+
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
@@ -16,12 +18,70 @@ def load_script(name: str, monkeypatch):
     return module
 
 
+def markdown_rows(text: str) -> dict[str, list[str]]:
+    """Every row of the markdown tables in `text`: its first cell -> its other cells."""
+    rows = {}
+    for line in text.splitlines():
+        if line.startswith("|") and not line.startswith("|---"):
+            first, *rest = (cell.strip() for cell in line.strip().strip("|").split("|"))
+            rows[first] = rest
+    return rows
+
+
 def test_bench_finetune_smoke(capsys, monkeypatch):
-    results = load_script("bench_finetune", monkeypatch).main(["--smoke"])
-    table = capsys.readouterr().out
-    assert "| ours full / HF full (step time) |" in table and "| length-bucketed batches |" in table
-    assert set(results["step_s"]) == {"ours full", "hf full", "ours lora", "hf+peft lora"}
-    assert all(seconds > 0 for seconds in results["step_s"].values())
-    assert results["peak_mb"]["ours lora"] < results["peak_mb"]["ours full"]
-    fixed, dynamic, bucketed = results["epoch_tokens"].values()
-    assert bucketed <= dynamic < fixed  # less padding, fewer tokens computed
+    bench = load_script("bench_finetune", monkeypatch)
+    results = bench.main(["--smoke"])  # tiny shape, batch 8 x 16 tokens, LoRA rank 16, fixed padding to 32
+    batch_size, rank, fixed_pad = 8, 16, 32
+    rows = markdown_rows(capsys.readouterr().out)
+    step, memory, tokens, epoch = (results[key] for key in ("step_s", "peak_mb", "epoch_tokens", "epoch_s"))
+
+    # The tables print the returned numbers, and each ratio is the quotient of the two numbers it names.
+    assert list(step) == list(bench.MODELS)
+    for name in bench.MODELS:
+        assert rows[name][0] == f"{step[name]:.3f} s", name
+    assert set(memory) == {"ours full", "ours lora"}  # smoke mode measures our two models only
+    assert memory["ours lora"] < memory["ours full"]
+    quotients = {
+        "ours full / HF full (step time)": step["ours full"] / step["hf full"],
+        "ours LoRA / HF + PEFT LoRA (step time)": step["ours lora"] / step["hf+peft lora"],
+        "ours LoRA / ours full (step time)": step["ours lora"] / step["ours full"],
+        "ours LoRA / ours full (peak memory)": memory["ours lora"] / memory["ours full"],
+    }
+    for row, quotient in quotients.items():
+        assert rows[row] == [f"{quotient:.2f}"], row
+    flops_row = next(values for first, values in rows.items() if first.startswith("our full step:"))
+    assert flops_row == [f"{results['step_gflops'] / results['matmul_gflops']:.2f}"]
+
+    # Tokens of one epoch, from the training messages' lengths alone: the three batchings must differ so.
+    cfg = PRESETS["tiny"]
+    tokenizer = get_tokenizer()
+    train = bench.load_spam_splits(quick=True, write_csv=False).train  # the benchmark's own data set
+    lengths = sorted(min(len(tokenizer.encode_ordinary(text)), cfg.context_length) for text, _ in train)
+    assert len(lengths) <= batch_size * 50  # one pool of LengthBucketSampler: bucketing sorts all by length
+    sorted_batches = [lengths[i : i + batch_size] for i in range(0, len(lengths), batch_size)]
+    fixed = f"fixed {fixed_pad}-token padding"
+    assert list(tokens) == list(epoch) == [fixed, "dynamic padding", "length-bucketed batches"]
+    assert tokens[fixed] == fixed_pad * len(lengths)
+    assert tokens["length-bucketed batches"] == sum(len(batch) * max(batch) for batch in sorted_batches)
+    # Random batches pad to their longest message: no fewer tokens than sorted batches, no more than the
+    # longest message everywhere.
+    assert tokens["length-bucketed batches"] <= tokens["dynamic padding"] <= max(lengths) * len(lengths)
+    assert max(lengths) < fixed_pad  # so dynamic padding computes fewer tokens than fixed padding
+    for name, seconds in epoch.items():
+        assert rows[name] == [f"{seconds:.1f} s", f"{tokens[name]:,}", f"{epoch[fixed] / seconds:.2f}x"], name
+
+    # Trainable parameters of the tiny shape: GPT-2's and LoRA's formulas (A: in x rank, B: rank x out).
+    d, n_layers, n_classes = cfg.emb_dim, cfg.n_layers, 2
+    ours_linears = [(d, d)] * 4 + [(d, 4 * d), (4 * d, d)]  # W_query, W_key, W_value, out_proj, fc1, fc2
+    hf_linears = [(d, 3 * d), (d, d), (d, 4 * d), (4 * d, d)]  # c_attn (q, k, v fused), c_proj, c_fc, c_proj
+    block = sum(n_in * n_out + n_out for n_in, n_out in ours_linears) + 2 * 2 * d  # + two LayerNorms
+    body = (cfg.vocab_size + cfg.context_length) * d + n_layers * block + 2 * d  # embeddings, blocks, norm
+    lora = {name: n_layers * sum(rank * (n_in + n_out) for n_in, n_out in linears)
+            for name, linears in (("ours", ours_linears), ("hf", hf_linears))}
+    ours_head, hf_head = d * n_classes + n_classes, d * n_classes  # Hugging Face's score has no bias
+    assert results["trainable"] == {
+        "ours full": body + ours_head,
+        "hf full": body + hf_head,  # the same model, but for the head's bias
+        "ours lora": lora["ours"] + ours_head,
+        "hf+peft lora": lora["hf"] + hf_head,
+    }

@@ -4,9 +4,18 @@ import pytest
 import torch
 
 from llm_scratch import GPTConfig, GPTModel, text_to_ids
-from llm_scratch.classifier import accuracy, add_classification_head, classify, evaluate, last_token_logits
-from llm_scratch.spam import SpamDataset, collate_spam, load_sample, load_spam_splits, spam_dataloaders
-from llm_scratch.training import History, prepare_for_method, train_classifier
+from llm_scratch.classifier import (
+    accuracy,
+    add_classification_head,
+    classify,
+    evaluate,
+    last_token_logits,
+    train_classifier,
+)
+from llm_scratch.data import SpamDataset, collate_spam, load_sample, load_spam_splits, spam_dataloaders
+from llm_scratch.finetune import prepare_for_method
+from llm_scratch.lora import LoRAConfig
+from llm_scratch.training import History
 
 
 def tiny_classifier(seed: int = 123) -> GPTModel:
@@ -69,23 +78,26 @@ def test_loss_goes_down_and_training_accuracy_reaches_90_percent():
     model = tiny_classifier()
     prepare_for_method(model, "full")
     loaders = _quick_loaders()
-    _, accuracy_before = evaluate(model, loaders.train)
+    accuracy_before = evaluate(model, loaders.train)["accuracy"]
     history = train_classifier(model, loaders.train, loaders.validation, epochs=6, lr=2e-3, eval_every=10,
                                progress=False)
     loss_before, loss_after = history.step_loss[0], sum(history.step_loss[-5:]) / 5
-    _, accuracy_after = evaluate(model, loaders.train)
+    accuracy_after = evaluate(model, loaders.train)["accuracy"]
     print(f"loss {loss_before:.3f} -> {loss_after:.3f}, training accuracy {accuracy_before:.1%} -> "
           f"{accuracy_after:.1%}")
     assert loss_after < 0.5 * loss_before
     assert accuracy_after >= 0.9
-    assert len(history.epoch_val_accuracy) == 6 and history.eval_val_loss
-    assert history.step_examples[-1] == 6 * len(loaders.train.dataset)
+    assert len(history.epoch_metrics["validation_accuracy"]) == 6 and history.eval_val_loss
+    assert history.step_seen[-1] == 6 * len(loaders.train.dataset) and history.unit == "examples"
     assert history.wall_time_s > 0 and history.peak_memory_mb > 0
+
+
+SMALL_LORA = LoRAConfig(rank=4, alpha=8, modules_to_save=("out_head",))
 
 
 def _two_epochs(method: str) -> History:
     model = tiny_classifier()
-    prepare_for_method(model, method, rank=4, alpha=8)
+    prepare_for_method(model, method, SMALL_LORA)
     loaders = _quick_loaders()
     return train_classifier(model, loaders.train, loaders.validation, epochs=2, lr=1e-3, progress=False)
 
@@ -99,7 +111,7 @@ def test_methods_train_what_they_say():
     counts = {}
     for method in ("full", "last-block", "lora"):
         model = tiny_classifier()
-        trained = prepare_for_method(model, method, rank=4, alpha=8)
+        trained = prepare_for_method(model, method, SMALL_LORA)
         counts[method] = sum(p.numel() for p in model.parameters() if p.requires_grad)
         if method == "last-block":
             assert all(n.startswith(("blocks.1.", "final_norm.", "out_head.")) for n in trained)
@@ -118,7 +130,7 @@ def test_lora_start_depends_on_the_seed_only():
     for noise, seed in [(1, 7), (2, 7), (1, 8)]:
         model = tiny_classifier()
         torch.manual_seed(noise)  # whatever random numbers were drawn before must not matter
-        prepare_for_method(model, "lora", rank=4, alpha=8, seed=seed)
+        prepare_for_method(model, "lora", SMALL_LORA, seed=seed)
         starts.append(model.blocks[0].att.W_query.lora.A.detach().clone())
     assert torch.equal(starts[0], starts[1]) and not torch.equal(starts[0], starts[2])
 

@@ -9,7 +9,9 @@ import sys
 
 import pytest
 
-from llm_scratch.cli import main
+from llm_scratch.cli import build_parser, main, settings_from
+from llm_scratch.finetune import FinetuneSettings
+from llm_scratch.lora import LoRAConfig
 
 
 def run_cli(*args: str, cwd) -> subprocess.CompletedProcess:
@@ -61,6 +63,27 @@ def test_a_missing_run_is_a_clear_error(tmp_path, capsys):
     assert "run.json not found" in capsys.readouterr().err
 
 
-def test_unknown_method_is_refused():
-    with pytest.raises(SystemExit):
+def test_unknown_method_is_refused_with_the_choices(capsys):
+    with pytest.raises(SystemExit) as exit_info:
         main(["finetune", "--method", "adapter"])
+    assert exit_info.value.code == 2
+    assert "invalid choice: 'adapter'" in capsys.readouterr().err
+
+
+def test_options_left_out_keep_the_library_defaults_and_given_ones_are_honoured(tmp_path):
+    parse = build_parser().parse_args
+    options = {k: v for k, v in vars(parse(["finetune"])).items() if k != "command"}
+    assert settings_from(options) == FinetuneSettings()  # every default is written once, in the dataclass
+
+    given = ["finetune", "--method", "full", "--model-name", "gpt2-medium", "--epochs", "0", "--lr", "0",
+             "--rank", "4", "--alpha", "8", "--batch-size", "2", "--seed", "7", "--eval-every", "3",
+             "--data-path", str(tmp_path / "sms"), "--weights-path", str(tmp_path / "w.safetensors"),
+             "--out", str(tmp_path / "run"), "--bucket", "--quick", "--random-init", "--no-progress",
+             "--device", "cpu"]
+    options = {k: v for k, v in vars(parse(given)).items() if k not in ("command", "compare")}
+    settings = settings_from(options)
+    assert settings == FinetuneSettings(
+        method="full", model_name="gpt2-medium", epochs=0, lr=0.0, batch_size=2, seed=7, eval_every=3,
+        lora_config=LoRAConfig(rank=4, alpha=8.0, modules_to_save=("out_head",)),
+        data_path=tmp_path / "sms", weights_path=tmp_path / "w.safetensors", out=tmp_path / "run",
+        bucket=True, quick=True, random_init=True, progress=False, device="cpu")

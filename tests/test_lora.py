@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import math
 from pathlib import Path
 
@@ -10,20 +11,18 @@ import pytest
 import torch
 from torch import nn
 
+from llm_scratch.adapters import load_lora, lora_state_dict, read_lora_metadata, save_lora
 from llm_scratch.config import GPTConfig
 from llm_scratch.lora import (
     LinearWithLoRA,
+    LoRAConfig,
     LoRALayer,
     freeze,
-    load_lora,
     lora_layers,
-    lora_state_dict,
     mark_only_lora_trainable,
     merge_lora,
     parameter_summary,
-    read_lora_metadata,
     replace_linear_with_lora,
-    save_lora,
 )
 from llm_scratch.model import GPTModel
 
@@ -93,7 +92,7 @@ def test_dropout_acts_on_the_lora_branch_only():
 
 def test_default_targets_are_every_linear_in_the_blocks_and_not_the_head():
     model = tiny_model(head=True)
-    names = replace_linear_with_lora(model, rank=4, alpha=8)
+    names = replace_linear_with_lora(model, LoRAConfig(rank=4, alpha=8))
     per_block = ["att.W_query", "att.W_key", "att.W_value", "att.out_proj", "ff.fc1", "ff.fc2"]
     assert names == [f"blocks.{i}.{n}" for i in range(2) for n in per_block]
     assert isinstance(model.out_head, nn.Linear) and not isinstance(model.out_head, LinearWithLoRA)
@@ -114,14 +113,14 @@ def test_default_targets_are_every_linear_in_the_blocks_and_not_the_head():
 )
 def test_target_selection(targets, expected):
     model = tiny_model(head=True)
-    names = replace_linear_with_lora(model, rank=2, alpha=2, targets=targets)
+    names = replace_linear_with_lora(model, LoRAConfig(rank=2, alpha=2, target_modules=targets))
     assert len(names) == expected == len(lora_layers(model))
 
 
 def test_output_is_unchanged_at_init():
     base = tiny_model(head=True)
     model = copy.deepcopy(base)
-    replace_linear_with_lora(model, rank=8, alpha=16)
+    replace_linear_with_lora(model, LoRAConfig(rank=8, alpha=16))
     idx = token_ids()
     with torch.no_grad():
         assert torch.equal(model(idx), base(idx))  # B = 0 exactly, so bit-identical
@@ -129,8 +128,9 @@ def test_output_is_unchanged_at_init():
 
 def test_three_steps_change_only_lora_and_the_head():
     model = tiny_model(head=True)
-    replace_linear_with_lora(model, rank=4, alpha=8)
-    mark_only_lora_trainable(model, also=("out_head",))
+    config = LoRAConfig(rank=4, alpha=8, modules_to_save=("out_head",))
+    replace_linear_with_lora(model, config)
+    mark_only_lora_trainable(model, config)
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
     trainable = {name for name, p in model.named_parameters() if p.requires_grad}
     assert trainable == {n for n in before if ".lora." in n or n.startswith("out_head.")}
@@ -156,7 +156,7 @@ def test_freeze_and_meta_device():
         model = GPTModel(GPTConfig.from_preset("tiny"))
     freeze(model)
     assert not any(p.requires_grad for p in model.parameters())
-    replace_linear_with_lora(model, rank=4, alpha=4)
+    replace_linear_with_lora(model, LoRAConfig(rank=4, alpha=4))
     layer = model.blocks[0].att.W_query.lora
     assert layer.A.is_meta and layer.B.is_meta  # made on the linear's device: no memory used
 
@@ -165,8 +165,9 @@ def test_exact_counts_gpt2_small_with_a_two_class_head(capsys):
     with torch.device("meta"):
         model = GPTModel(GPTConfig.from_preset("gpt2-small"))
         model.out_head = nn.Linear(768, N_CLASSES)
-    replace_linear_with_lora(model, rank=16, alpha=16)
-    mark_only_lora_trainable(model, also=("out_head",))
+    config = LoRAConfig(rank=16, alpha=16, modules_to_save=("out_head",))
+    replace_linear_with_lora(model, config)
+    mark_only_lora_trainable(model, config)
     summary = parameter_summary(model)
     assert capsys.readouterr().out.strip() == "trainable 2,655,746 of 124,441,346 (2.13%)"
     # 12 blocks x (4 x 16 x (768 + 768) + 2 x 16 x (768 + 3072)) = 2,654,208 LoRA numbers, + 1,538 in the head
@@ -184,7 +185,7 @@ def test_exact_counts_gpt2_small_with_a_two_class_head(capsys):
 def test_merge_unmerge_and_merge_lora():
     model = tiny_model(head=True)
     base_weights = {n: p.detach().clone() for n, p in model.named_parameters()}
-    replace_linear_with_lora(model, rank=8, alpha=16)
+    replace_linear_with_lora(model, LoRAConfig(rank=8, alpha=16))
     randomize_lora(model)
     idx = token_ids()
     with torch.no_grad():
@@ -218,22 +219,24 @@ def test_merge_unmerge_and_merge_lora():
 
 def test_save_then_load_gives_identical_outputs(tmp_path: Path):
     model = tiny_model(head=True)
-    replace_linear_with_lora(model, rank=4, alpha=8, targets="attention", use_rslora=True)
+    config = LoRAConfig(rank=4, alpha=8, target_modules="attention", use_rslora=True,
+                        modules_to_save=["out_head"])
+    assert config.target_modules == ("attention",) and config.modules_to_save == ("out_head",)  # tuples
+    replace_linear_with_lora(model, config)
     randomize_lora(model)
-    path = save_lora(model, tmp_path / "adapter.safetensors", base_model="tiny", also=("out_head",))
+    path = save_lora(model, tmp_path / "adapter.safetensors", config, model_name="tiny")
 
     meta = read_lora_metadata(path)
-    settings = (meta["rank"], meta["alpha"], meta["use_rslora"], meta["base_model"])
-    assert settings == ("4", "8.0", "True", "tiny")
-    assert meta["targets"] == list(lora_layers(model)) and meta["also"] == ["out_head"]
-    state = lora_state_dict(model, also=("out_head",))
+    assert meta["lora_config"] == config and meta["model_name"] == "tiny"
+    assert meta["layers"] == list(lora_layers(model))
+    state = lora_state_dict(model, config)
     assert len(state) == 2 * 8 + 2  # A and B of 8 layers, the head's weight and bias
 
     fresh = tiny_model(head=True, seed=123)  # same base weights
     with torch.no_grad():
         fresh.out_head.weight.zero_()  # an untrained head: the adapter file must bring the trained one
-    names = load_lora(fresh, path, base_model="tiny")
-    assert names == list(lora_layers(model))
+    assert load_lora(fresh, path, model_name="tiny") == config
+    assert list(lora_layers(fresh)) == list(lora_layers(model))
     assert all(m.lora.use_rslora and m.lora.rank == 4 for m in lora_layers(fresh).values())
     idx = token_ids()
     with torch.no_grad():
@@ -247,62 +250,102 @@ def test_save_then_load_gives_identical_outputs(tmp_path: Path):
     assert path.stat().st_size < 0.02 * full
 
 
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+def test_an_adapter_saved_by_llm_scratch_0_1_still_loads():
+    """adapter_v1.safetensors was written by llm-scratch 0.1 (settings per layer, no LoRAConfig): tiny preset
+    with torch.manual_seed(0), a 2-class head, rank-2 LoRA (alpha 4) on the attention layers, random B."""
+    from safetensors.torch import load_file
+
+    torch.manual_seed(0)
+    model = GPTModel(GPTConfig.from_preset("tiny"))
+    model.out_head = nn.Linear(64, N_CLASSES)  # untrained: the adapter brings the head
+    config = load_lora(model, FIXTURES / "adapter_v1.safetensors", model_name="tiny")
+    assert config == LoRAConfig(rank=2, alpha=4, target_modules=tuple(lora_layers(model)),
+                                modules_to_save=("out_head",))
+    assert len(lora_layers(model)) == 8  # 4 attention projections x 2 blocks
+    expected = load_file(str(FIXTURES / "adapter_v1_expected.safetensors"))
+    with torch.no_grad():
+        logits = model.eval()(expected["input_ids"])
+    torch.testing.assert_close(logits, expected["logits"], rtol=0, atol=1e-6)
+
+
+def test_a_0_1_adapter_with_mixed_settings_says_how_to_convert(tmp_path: Path):
+    from safetensors.torch import save_file
+
+    layers = {"blocks.0.att.W_query": {"rank": 2, "alpha": 2.0, "use_rslora": False, "dropout": 0.0},
+              "blocks.1.att.W_query": {"rank": 4, "alpha": 2.0, "use_rslora": False, "dropout": 0.0}}
+    metadata = {"format": "llm-scratch-lora", "version": "1", "base_model": "tiny",
+                "layers": json.dumps(layers), "also": "[]", "targets": json.dumps(list(layers))}
+    save_file({"w": torch.zeros(1)}, str(tmp_path / "mixed.safetensors"), metadata)
+    with pytest.raises(ValueError, match="different ranks or alphas.*Load it with llm-scratch 0.1"):
+        load_lora(tiny_model(head=True), tmp_path / "mixed.safetensors")
+
+
 # ---------------------------------------------------------------- error cases
 
 
 def test_injection_errors():
     model = tiny_model(head=True)
     with pytest.raises(ValueError, match="no nn.Linear layer matched"):
-        replace_linear_with_lora(model, rank=4, alpha=4, targets=["W_nothing"])
+        replace_linear_with_lora(model, LoRAConfig(rank=4, alpha=4, target_modules=["W_nothing"]))
     with pytest.raises(ValueError, match="no nn.Linear layer matched"):
-        replace_linear_with_lora(nn.Sequential(nn.Linear(4, 4)), rank=4, alpha=4)  # no model.blocks
+        replace_linear_with_lora(nn.Sequential(nn.Linear(4, 4)), LoRAConfig(rank=4, alpha=4))  # no .blocks
     for rank in (0, -3, 2.5, True):
         with pytest.raises(ValueError, match="rank must be an integer >= 1"):
-            replace_linear_with_lora(model, rank=rank, alpha=4)
-    for alpha in (0, -1.0, float("nan")):
-        with pytest.raises(ValueError, match="alpha must be a number > 0"):
-            replace_linear_with_lora(model, rank=4, alpha=alpha)
+            replace_linear_with_lora(model, LoRAConfig(rank=rank, alpha=4))
+    for alpha in (0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="alpha must be a finite number > 0"):
+            replace_linear_with_lora(model, LoRAConfig(rank=4, alpha=alpha))
     with pytest.raises(ValueError, match="dropout"):
-        replace_linear_with_lora(model, rank=4, alpha=4, dropout=1.0)
-    with pytest.raises(ValueError, match="targets"):
-        replace_linear_with_lora(model, rank=4, alpha=4, targets=[])
+        replace_linear_with_lora(model, LoRAConfig(rank=4, alpha=4, dropout=1.0))
+    with pytest.raises(ValueError, match="target_modules"):
+        replace_linear_with_lora(model, LoRAConfig(rank=4, alpha=4, target_modules=[]))
+    with pytest.raises(ValueError, match="takes a LoRAConfig"):
+        replace_linear_with_lora(model, {"rank": 4, "alpha": 4})
     assert not lora_layers(model)  # none of the failed calls changed the model
 
-    replace_linear_with_lora(model, rank=4, alpha=4, targets="attention")
+    replace_linear_with_lora(model, LoRAConfig(rank=4, alpha=4, target_modules="attention"))
     with pytest.raises(ValueError, match="already have LoRA"):
-        replace_linear_with_lora(model, rank=4, alpha=4)  # "all" includes the wrapped attention layers
+        replace_linear_with_lora(model, LoRAConfig(rank=4, alpha=4))  # "all" includes the wrapped ones
     assert len(lora_layers(model)) == 8  # the failed call wrapped nothing, not even the free fc1/fc2
     with pytest.raises(ValueError, match="already has LoRA"):
         LinearWithLoRA(model.blocks[0].att.W_query, rank=2, alpha=2)
 
     tied = tiny_model()
     with pytest.raises(ValueError, match="shares its weight"):
-        replace_linear_with_lora(tied, rank=4, alpha=4, targets=["out_head"])
+        replace_linear_with_lora(tied, LoRAConfig(rank=4, alpha=4, target_modules=["out_head"]))
 
 
 def test_freezing_and_merging_errors(tmp_path: Path):
     model = tiny_model(head=True)
+    config = LoRAConfig(rank=2, alpha=2)
     with pytest.raises(RuntimeError, match="no LoRA layers"):
-        mark_only_lora_trainable(model)
+        mark_only_lora_trainable(model, config)
     with pytest.raises(RuntimeError, match="no LoRA layers"):
         merge_lora(model)
     with pytest.raises(RuntimeError, match="no LoRA layers"):
-        save_lora(model, tmp_path / "a.safetensors")
-    replace_linear_with_lora(model, rank=2, alpha=2)
+        save_lora(model, tmp_path / "a.safetensors", config)
+    replace_linear_with_lora(model, config)
     with pytest.raises(ValueError, match="no module 'classifier'"):
-        mark_only_lora_trainable(model, also=("classifier",))
+        mark_only_lora_trainable(model, LoRAConfig(rank=2, alpha=2, modules_to_save=("classifier",)))
     assert all(p.requires_grad for p in model.parameters())  # the failed call froze nothing
+    with pytest.raises(ValueError, match="already has LoRA with rank=2.*the config says rank=4"):
+        save_lora(model, tmp_path / "a.safetensors", LoRAConfig(rank=4, alpha=2))
     model.blocks[0].ff.fc1.merge()
     with pytest.raises(RuntimeError, match="merged"):
-        save_lora(model, tmp_path / "a.safetensors")
+        save_lora(model, tmp_path / "a.safetensors", config)
+    assert not (tmp_path / "a.safetensors").exists()
 
 
 @pytest.fixture
 def adapter(tmp_path: Path) -> Path:
     model = tiny_model(head=True)
-    replace_linear_with_lora(model, rank=4, alpha=8)
+    config = LoRAConfig(rank=4, alpha=8, modules_to_save=("out_head",))
+    replace_linear_with_lora(model, config)
     randomize_lora(model)
-    return save_lora(model, tmp_path / "adapter.safetensors", base_model="tiny", also=("out_head",))
+    return save_lora(model, tmp_path / "adapter.safetensors", config, model_name="tiny")
 
 
 def test_load_errors_missing_file_and_foreign_file(tmp_path: Path):
@@ -313,12 +356,19 @@ def test_load_errors_missing_file_and_foreign_file(tmp_path: Path):
     save_file({"w": torch.zeros(2)}, str(tmp_path / "weights.safetensors"))
     with pytest.raises(ValueError, match="not an llm-scratch LoRA adapter"):
         load_lora(tiny_model(head=True), tmp_path / "weights.safetensors")
-    header = {"format": "llm-scratch-lora", "version": "2"}
-    save_file({"w": torch.zeros(2)}, str(tmp_path / "v2.safetensors"), header)
-    with pytest.raises(ValueError, match="format version '2'"):
-        load_lora(tiny_model(head=True), tmp_path / "v2.safetensors")
-    save_file({"w": torch.zeros(2)}, str(tmp_path / "bare.safetensors"), {**header, "version": "1"})
-    with pytest.raises(ValueError, match="metadata field 'targets' is missing or damaged"):
+    header = {"format": "llm-scratch-lora", "version": "3"}
+    save_file({"w": torch.zeros(2)}, str(tmp_path / "v3.safetensors"), header)
+    with pytest.raises(ValueError, match="format version '3'.*reads versions 1 and 2"):
+        load_lora(tiny_model(head=True), tmp_path / "v3.safetensors")
+    save_file({"w": torch.zeros(2)}, str(tmp_path / "bare1.safetensors"), {**header, "version": "1"})
+    with pytest.raises(ValueError, match="metadata field 'layers' is missing or damaged"):
+        load_lora(tiny_model(head=True), tmp_path / "bare1.safetensors")
+    bad_config = {**header, "version": "2", "layers": "[]", "lora_config": '{"rank": 4, "colour": "red"}'}
+    save_file({"w": torch.zeros(2)}, str(tmp_path / "bad_config.safetensors"), bad_config)
+    with pytest.raises(ValueError, match="lora_config is invalid.*colour"):
+        load_lora(tiny_model(head=True), tmp_path / "bad_config.safetensors")
+    save_file({"w": torch.zeros(2)}, str(tmp_path / "bare.safetensors"), {**header, "version": "2"})
+    with pytest.raises(ValueError, match="metadata field 'lora_config' is missing or damaged"):
         load_lora(tiny_model(head=True), tmp_path / "bare.safetensors")
     (tmp_path / "text.safetensors").write_text("not a tensor file")
     with pytest.raises(ValueError, match="not a readable safetensors file"):
@@ -348,15 +398,15 @@ def test_load_errors_keys_shapes_and_metadata(adapter: Path, tmp_path: Path):
     assert unchanged(model)
     # The wrong base model name, when the caller asks for a check.
     with pytest.raises(ValueError, match="trained on base model 'tiny', not 'gpt2-small'"):
-        load_lora(tiny_model(head=True), adapter, base_model="gpt2-small")
+        load_lora(tiny_model(head=True), adapter, model_name="gpt2-small")
     # Existing LoRA layers with other settings.
     model = tiny_model(head=True)
-    replace_linear_with_lora(model, rank=8, alpha=8)
+    replace_linear_with_lora(model, LoRAConfig(rank=8, alpha=8))
     with pytest.raises(ValueError, match="already has LoRA with rank=8"):
         load_lora(model, adapter)
     # Merged layers must be unmerged first.
     model = tiny_model(head=True)
-    replace_linear_with_lora(model, rank=4, alpha=8)
+    replace_linear_with_lora(model, LoRAConfig(rank=4, alpha=8))
     model.blocks[1].att.out_proj.merge()
     with pytest.raises(RuntimeError, match="unmerge"):
         load_lora(model, adapter)
@@ -398,8 +448,9 @@ def test_matches_peft_merged_and_unmerged(use_rslora: bool, tmp_path: Path):
                              init_lora_weights=False, fan_in_fan_out=True, use_rslora=use_rslora,
                              lora_dropout=0.0)
     hf_lora = peft.get_peft_model(hf, config).eval()
-    names = replace_linear_with_lora(ours, rank=8, alpha=16, targets=["out_proj", "fc1", "fc2"],
-                                     use_rslora=use_rslora)
+    ours_config = LoRAConfig(rank=8, alpha=16, target_modules=("out_proj", "fc1", "fc2"),
+                             use_rslora=use_rslora)
+    names = replace_linear_with_lora(ours, ours_config)
     assert len(names) == 6
 
     ours_of = {"attn.c_proj": "att.out_proj", "mlp.c_fc": "ff.fc1", "mlp.c_proj": "ff.fc2"}

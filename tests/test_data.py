@@ -1,4 +1,5 @@
-"""The SMS Spam Collection pipeline: parser, counts, balance and split, download, dataset and collate."""
+"""The data package: the SMS Spam Collection (parser, counts, balance and split, download, cache folder,
+CSV files) and its batching (dataset, collate, length buckets, loaders)."""
 
 from __future__ import annotations
 
@@ -16,7 +17,9 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from llm_scratch import spam
+import llm_scratch.data
+from llm_scratch import config
+from llm_scratch.data import batching, sms_spam
 from llm_scratch.tokenizer import EOS_ID, get_tokenizer
 
 REAL_FILE = Path(__file__).resolve().parents[2] / "shared" / "data" / "sms_spam" / "SMSSpamCollection"
@@ -36,12 +39,12 @@ def test_parser_keeps_quotes_and_whitespace_and_handles_line_endings():
             '\n'
             'ham\t  spaces kept  \n'
             'ham\tone\u2028line with a line separator inside\n')
-    rows = spam.parse_sms_spam(text)
+    rows = sms_spam.parse_sms_spam(text)
     assert rows == [
-        spam.SpamRow('He said "see you at 5" and left', 0),
-        spam.SpamRow('"FREE" prize, call now', 1),
-        spam.SpamRow("  spaces kept  ", 0),
-        spam.SpamRow("one\u2028line with a line separator inside", 0),
+        sms_spam.SpamRow('He said "see you at 5" and left', 0),
+        sms_spam.SpamRow('"FREE" prize, call now', 1),
+        sms_spam.SpamRow("  spaces kept  ", 0),
+        sms_spam.SpamRow("one\u2028line with a line separator inside", 0),
     ]
 
 
@@ -52,35 +55,35 @@ def test_parser_keeps_quotes_and_whitespace_and_handles_line_endings():
 def test_parser_bad_line_names_its_line_number(bad_line: str, message: str):
     text = f"ham\tfirst\nspam\tsecond\n{bad_line}\nham\tfourth\n"
     with pytest.raises(ValueError, match=rf"my\.tsv, line 3: .*{message}"):
-        spam.parse_sms_spam(text, "my.tsv")
+        sms_spam.parse_sms_spam(text, "my.tsv")
 
 
 def test_read_reports_invalid_utf8_with_line_number(tmp_path: Path):
     path = tmp_path / "SMSSpamCollection"
     path.write_bytes(b"ham\tfine\nspam\tbroken \xff byte\n")
     with pytest.raises(ValueError, match=r"line 2: not valid UTF-8"):
-        spam.read_sms_spam(path)
+        sms_spam.read_sms_spam(path)
 
 
 def test_read_missing_file_says_what_to_pass(tmp_path: Path):
     with pytest.raises(FileNotFoundError, match="SMSSpamCollection file or the UCI zip"):
-        spam.read_sms_spam(tmp_path / "nope.zip")
+        sms_spam.read_sms_spam(tmp_path / "nope.zip")
 
 
 def test_sample_counts_and_format():
-    rows = spam.load_sample()
+    rows = sms_spam.load_sample()
     assert (len(rows), sum(row.label for row in rows)) == SAMPLE_COUNTS
     assert len({row.text for row in rows}) == len(rows)  # no duplicates that could leak across splits
     assert sum('"' in row.text for row in rows) >= 3
-    assert spam.LABELS == ("ham", "spam") and spam.LABEL_IDS == {"ham": 0, "spam": 1}
+    assert sms_spam.LABELS == ("ham", "spam") and sms_spam.LABEL_IDS == {"ham": 0, "spam": 1}
 
 
 def test_check_counts():
-    rows = spam.load_sample()
-    spam.check_counts(rows, SAMPLE_COUNTS, "sample")
-    spam.check_counts(rows, None, "sample")
+    rows = sms_spam.load_sample()
+    sms_spam.check_counts(rows, SAMPLE_COUNTS, "sample")
+    sms_spam.check_counts(rows, None, "sample")
     with pytest.raises(ValueError, match=r"holds 130 messages \(60 spam\).*5,574 \(747 spam\)"):
-        spam.check_counts(rows, spam.EXPECTED_COUNTS, "sample")
+        sms_spam.check_counts(rows, sms_spam.EXPECTED_COUNTS, "sample")
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -88,32 +91,87 @@ def test_check_counts():
 # --------------------------------------------------------------------------------------------------------
 
 def test_sample_balance_and_split_sizes(tmp_path: Path):
-    splits = spam.load_spam_splits(tmp_path, quick=True, seed=123)
+    splits = sms_spam.load_spam_splits(tmp_path, quick=True, seed=123, write_csv=True)
     # 60 spam + 60 of 70 ham = 120 -> int(84.0) / int(12.0) / the remaining 24
     assert [len(part) for part in splits] == [84, 12, 24]
     everything = [row for part in splits for row in part]
     assert sum(row.label for row in everything) == 60
     assert len({row.text for row in everything}) == 120  # no message in two splits
-    assert set(everything) <= set(spam.load_sample())
+    assert set(everything) <= set(sms_spam.load_sample())
     # Quick mode writes its CSVs into a subfolder, never over the real data set's splits.
     written = sorted(p.name for p in (tmp_path / "quick").iterdir())
     assert written == ["test.csv", "train.csv", "validation.csv"]
     assert not (tmp_path / "train.csv").exists()
-    assert spam.read_split_csv(tmp_path / "quick" / "test.csv") == splits.test
+    assert sms_spam.read_split_csv(tmp_path / "quick" / "test.csv") == splits.test
 
 
 def test_quick_mode_follows_the_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setenv("LLM_SCRATCH_QUICK", "1")
-    splits = spam.load_spam_splits(tmp_path, write_csv=False)
+    splits = sms_spam.load_spam_splits(tmp_path, write_csv=False)
     assert [len(part) for part in splits] == [84, 12, 24]
     assert not any(tmp_path.iterdir())
 
 
+def test_splits_write_no_file_by_default(tmp_path: Path):
+    data_path = tmp_path / "SMSSpamCollection"
+    data_path.write_bytes(_sample_bytes())
+    cache = tmp_path / "cache"
+    from_file = sms_spam.load_spam_splits(cache, data_path=data_path, expected_counts=SAMPLE_COUNTS)
+    from_sample = sms_spam.load_spam_splits(cache, quick=True)
+    assert from_file == from_sample  # the same rows through the same balance and split
+    assert not cache.exists()  # neither the CSVs nor the folder for them
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["SMSSpamCollection"]
+
+
+def test_write_csv_writes_three_splits_that_read_back_equal(tmp_path: Path):
+    data_path = tmp_path / "source" / "SMSSpamCollection"
+    data_path.parent.mkdir()
+    data_path.write_bytes(_sample_bytes())
+    cache = tmp_path / "cache"
+    splits = sms_spam.load_spam_splits(cache, data_path=data_path, expected_counts=SAMPLE_COUNTS,
+                                       write_csv=True)
+    assert sorted(p.name for p in cache.iterdir()) == ["test.csv", "train.csv", "validation.csv"]
+    assert sms_spam.SpamSplits(*(sms_spam.read_split_csv(cache / f"{name}.csv")
+                                 for name in sms_spam.SPLIT_NAMES)) == splits
+    # write_splits stays available for splits made by hand, and returns the paths it wrote.
+    paths = sms_spam.write_splits(splits, tmp_path / "again")
+    assert list(paths) == list(sms_spam.SPLIT_NAMES)
+    assert [sms_spam.read_split_csv(path) for path in paths.values()] == list(splits)
+    with pytest.raises(FileNotFoundError, match=r"write_csv=True"):
+        sms_spam.read_split_csv(tmp_path / "nowhere.csv")
+
+
+def test_the_cache_folder_is_sms_spam_inside_the_data_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("LLM_SCRATCH_DATA", str(tmp_path / "cache"))
+    assert config.data_dir() == tmp_path / "cache"
+    assert sms_spam.default_sms_dir() == tmp_path / "cache" / "sms_spam"
+    splits = sms_spam.load_spam_splits(quick=True, write_csv=True)  # no data_dir: the default one
+    assert sms_spam.read_split_csv(tmp_path / "cache" / "sms_spam" / "quick" / "train.csv") == splits.train
+    monkeypatch.delenv("LLM_SCRATCH_DATA")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert sms_spam.default_sms_dir() == tmp_path / "home" / ".cache" / "llm-scratch" / "sms_spam"
+
+
+def test_the_package_re_exports_both_modules():
+    from llm_scratch.data import LABELS, SpamDataset, load_spam_splits, spam_dataloaders
+
+    assert (LABELS, SpamDataset) == (sms_spam.LABELS, batching.SpamDataset)
+    assert (load_spam_splits, spam_dataloaders) == (sms_spam.load_spam_splits, batching.spam_dataloaders)
+    exported = llm_scratch.data.__all__
+    for name in exported:  # each name is the very object of one of the two modules
+        assert any(getattr(module, name, None) is getattr(llm_scratch.data, name)
+                   for module in (sms_spam, batching)), name
+    for module in (sms_spam, batching):  # every public function and class of both modules is exported
+        defined = [name for name, value in vars(module).items() if not name.startswith("_")
+                   and callable(value) and getattr(value, "__module__", None) == module.__name__]
+        assert defined and set(defined) <= set(exported), set(defined) - set(exported)
+
+
 def test_split_is_deterministic_for_a_seed_and_differs_for_another():
-    rows = spam.load_sample()
-    first = spam.split(spam.balance(rows, seed=123), seed=123)
-    again = spam.split(spam.balance(rows, seed=123), seed=123)
-    other = spam.split(spam.balance(rows, seed=7), seed=7)
+    rows = sms_spam.load_sample()
+    first = sms_spam.split(sms_spam.balance(rows, seed=123), seed=123)
+    again = sms_spam.split(sms_spam.balance(rows, seed=123), seed=123)
+    other = sms_spam.split(sms_spam.balance(rows, seed=7), seed=7)
     assert first == again
     assert first.train != other.train
     assert [len(part) for part in other] == [84, 12, 24]
@@ -121,14 +179,14 @@ def test_split_is_deterministic_for_a_seed_and_differs_for_another():
 
 def test_balance_needs_both_classes():
     with pytest.raises(ValueError, match="0 spam"):
-        spam.balance([spam.SpamRow("hello", 0), spam.SpamRow("hi", 0)])
+        sms_spam.balance([sms_spam.SpamRow("hello", 0), sms_spam.SpamRow("hi", 0)])
 
 
 def test_csv_round_trip_with_quotes_and_commas(tmp_path: Path):
-    rows = [spam.SpamRow('He said "hi", then left', 0), spam.SpamRow("WIN, WIN; £100 \"now\"", 1)]
-    path = spam.write_split_csv(rows, tmp_path / "train.csv")
+    rows = [sms_spam.SpamRow('He said "hi", then left', 0), sms_spam.SpamRow("WIN, WIN; £100 \"now\"", 1)]
+    path = sms_spam.write_split_csv(rows, tmp_path / "train.csv")
     assert path.read_text(encoding="utf-8").splitlines()[0] == "text,label"
-    assert spam.read_split_csv(path) == rows
+    assert sms_spam.read_split_csv(path) == rows
     assert [p.name for p in tmp_path.iterdir()] == ["train.csv"]  # no temporary file left behind
 
 
@@ -136,32 +194,32 @@ def test_csv_reader_rejects_a_bad_label(tmp_path: Path):
     path = tmp_path / "bad.csv"
     path.write_text("text,label\nhello,0\nworld,2\n", encoding="utf-8")
     with pytest.raises(ValueError, match=r"bad\.csv, line 3"):
-        spam.read_split_csv(path)
+        sms_spam.read_split_csv(path)
 
 
 @needs_real_file
 def test_real_file_counts_balance_and_split(tmp_path: Path):
-    rows = spam.read_sms_spam(REAL_FILE)
+    rows = sms_spam.read_sms_spam(REAL_FILE)
     assert len(rows) == 5574
     assert sum(row.label for row in rows) == 747
     # Quotes are kept: the parser sees every `"` of the file (a csv reader with quoting would merge lines).
     assert sum(row.text.count('"') for row in rows) == REAL_FILE.read_text(encoding="utf-8").count('"')
-    balanced = spam.balance(rows, seed=123)
+    balanced = sms_spam.balance(rows, seed=123)
     assert len(balanced) == 1494 and sum(row.label for row in balanced) == 747
 
-    splits = spam.load_spam_splits(tmp_path, source=REAL_FILE, seed=123)
+    splits = sms_spam.load_spam_splits(tmp_path, data_path=REAL_FILE, seed=123, write_csv=True)
     assert [len(part) for part in splits] == [1045, 149, 300]
-    assert spam.load_spam_splits(tmp_path / "again", source=REAL_FILE, seed=123) == splits
-    assert spam.load_spam_splits(tmp_path / "other", source=REAL_FILE, seed=124).train != splits.train
-    for name, part in zip(spam.SPLIT_NAMES, splits, strict=True):
-        assert spam.read_split_csv(tmp_path / f"{name}.csv") == part
+    assert sms_spam.load_spam_splits(tmp_path / "again", data_path=REAL_FILE, seed=123) == splits
+    assert sms_spam.load_spam_splits(tmp_path / "other", data_path=REAL_FILE, seed=124).train != splits.train
+    for name, part in zip(sms_spam.SPLIT_NAMES, splits, strict=True):
+        assert sms_spam.read_split_csv(tmp_path / f"{name}.csv") == part
 
     # The UCI zip works as a source too.
     zip_path = tmp_path / "sms+spam+collection.zip"
     with zipfile.ZipFile(zip_path, "w", zipfile.ZIP_DEFLATED) as archive:
         archive.write(REAL_FILE, "SMSSpamCollection")
         archive.writestr("readme", "not the data")
-    assert spam.read_sms_spam(zip_path) == rows
+    assert sms_spam.read_sms_spam(zip_path) == rows
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -177,7 +235,7 @@ def _zip_bytes(data: bytes, member: str = "SMSSpamCollection") -> bytes:
 
 
 def _sample_bytes() -> bytes:
-    return (Path(spam.__file__).parent / "data" / "sms_spam_sample.tsv").read_bytes()
+    return (Path(sms_spam.__file__).parent / "sms_spam_sample.tsv").read_bytes()
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):
@@ -225,7 +283,7 @@ def _dead_url() -> str:
     return f"http://127.0.0.1:{port}/sms.zip"
 
 
-download = functools.partial(spam.download_sms_spam, timeout=5.0, retry_delay=0.0, progress=False,
+download = functools.partial(sms_spam.download_sms_spam, timeout=5.0, retry_delay=0.0, progress=False,
                              expected_counts=SAMPLE_COUNTS)
 
 
@@ -243,22 +301,22 @@ def test_download_success_then_cached(server, tmp_path: Path):
 def test_download_uses_the_mirror_when_the_first_url_is_down(server, tmp_path: Path):
     server.routes["/mirror.zip"] = (_zip_bytes(_sample_bytes()), None, 0.0)
     path = download(tmp_path, [_dead_url(), server.url("/missing.zip"), server.url("/mirror.zip")])
-    assert spam.read_sms_spam(path) == spam.load_sample()
+    assert sms_spam.read_sms_spam(path) == sms_spam.load_sample()
 
 
 def test_download_urls_from_the_environment(server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     server.routes["/env.zip"] = (_zip_bytes(_sample_bytes()), None, 0.0)
     dead = _dead_url()
-    monkeypatch.setenv(spam.URLS_ENV, f" {dead} , {server.url('/env.zip')} ,")
-    assert spam.download_urls() == [dead, server.url("/env.zip")]
-    assert spam.download_urls(["http://example.invalid/a.zip"]) == ["http://example.invalid/a.zip"]
-    monkeypatch.setenv(spam.URLS_ENV, server.url("/env.zip"))
-    splits = spam.load_spam_splits(tmp_path, quick=False, expected_counts=SAMPLE_COUNTS)
+    monkeypatch.setenv(config.SMS_URLS_ENV, f" {dead} , {server.url('/env.zip')} ,")
+    assert sms_spam.download_urls() == [dead, server.url("/env.zip")]
+    assert sms_spam.download_urls(["http://example.invalid/a.zip"]) == ["http://example.invalid/a.zip"]
+    monkeypatch.setenv(config.SMS_URLS_ENV, server.url("/env.zip"))
+    splits = sms_spam.load_spam_splits(tmp_path, quick=False, expected_counts=SAMPLE_COUNTS, write_csv=True)
     assert [len(part) for part in splits] == [84, 12, 24]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["SMSSpamCollection", "test.csv", "train.csv",
                                                           "validation.csv"]
-    monkeypatch.delenv(spam.URLS_ENV)
-    assert spam.download_urls()[0] == spam.UCI_URL
+    monkeypatch.delenv(config.SMS_URLS_ENV)
+    assert sms_spam.download_urls()[0] == sms_spam.UCI_URL
 
 
 def _corrupt(data: bytes) -> bytes:
@@ -297,7 +355,8 @@ def test_download_failure_is_clear_and_leaves_the_cache_empty(server, tmp_path: 
     message = str(info.value)
     assert f"{url} (try 1)" in message and f"{url} (try 2)" in message  # one retry
     assert any(part in message for part in expected.split("|")), message
-    assert "LLM_SCRATCH_SMS_URLS" in message and "LLM_SCRATCH_QUICK=1" in message and "--data PATH" in message
+    assert "LLM_SCRATCH_SMS_URLS" in message and "LLM_SCRATCH_QUICK=1" in message
+    assert "`--data-path PATH`" in message and "`data_path=PATH`" in message
     assert list(cache.iterdir()) == []  # no half file, no temporary file
 
 
@@ -306,7 +365,7 @@ def test_download_times_out_and_names_every_url(server, tmp_path: Path):
     dead = _dead_url()
     start = time.perf_counter()
     with pytest.raises(RuntimeError) as info:
-        spam.download_sms_spam(tmp_path, [server.url("/slow.zip"), dead], timeout=0.3, retry_delay=0.0,
+        sms_spam.download_sms_spam(tmp_path, [server.url("/slow.zip"), dead], timeout=0.3, retry_delay=0.0,
                                progress=False, expected_counts=SAMPLE_COUNTS)
     assert time.perf_counter() - start < 1.9  # gave up on the slow server instead of waiting for it
     message = str(info.value)
@@ -318,7 +377,7 @@ def test_download_times_out_and_names_every_url(server, tmp_path: Path):
 @needs_real_file
 def test_download_checks_the_real_counts(server, tmp_path: Path):
     server.routes["/uci.zip"] = (_zip_bytes(REAL_FILE.read_bytes()), None, 0.0)
-    path = spam.download_sms_spam(tmp_path, [server.url("/uci.zip")], retry_delay=0.0, progress=True)
+    path = sms_spam.download_sms_spam(tmp_path, [server.url("/uci.zip")], retry_delay=0.0, progress=True)
     assert path.read_bytes() == REAL_FILE.read_bytes()
 
 
@@ -332,7 +391,7 @@ ROWS = [("Hi", 0), ("Are we still on for lunch tomorrow at noon?", 0), ("WIN a F
 def test_dataset_encodes_and_keeps_lengths():
     tokenizer = get_tokenizer()
     encoded = [tokenizer.encode_ordinary(text) for text, _ in ROWS]
-    dataset = spam.SpamDataset(ROWS)
+    dataset = batching.SpamDataset(ROWS)
     assert len(dataset) == 3
     assert dataset.max_length == max(len(ids) for ids in encoded) == 10
     assert dataset.lengths == [len(ids) for ids in encoded] == [1, 10, 7]
@@ -341,24 +400,24 @@ def test_dataset_encodes_and_keeps_lengths():
 
 
 def test_dataset_truncates_to_max_length_and_context_length():
-    dataset = spam.SpamDataset(ROWS, max_length=5)
+    dataset = batching.SpamDataset(ROWS, max_length=5)
     assert dataset.lengths == [1, 5, 5]
     assert dataset[1][0].tolist() == get_tokenizer().encode_ordinary(ROWS[1][0])[:5]
-    assert spam.SpamDataset(ROWS, context_length=4).max_length == 4  # never over the model's context
+    assert batching.SpamDataset(ROWS, context_length=4).max_length == 4  # never over the model's context
     with pytest.raises(ValueError, match="context_length"):
-        spam.SpamDataset(ROWS, max_length=20, context_length=16)
+        batching.SpamDataset(ROWS, max_length=20, context_length=16)
     with pytest.raises(ValueError, match="at least one message"):
-        spam.SpamDataset([])
+        batching.SpamDataset([])
 
 
 def test_dataset_reads_endoftext_in_a_message_as_text():
-    dataset = spam.SpamDataset([("free <|endoftext|> prize", 1)])
+    dataset = batching.SpamDataset([("free <|endoftext|> prize", 1)])
     assert EOS_ID not in dataset[0][0].tolist()
 
 
 def test_collate_pads_to_the_longest_message_of_the_batch():
-    dataset = spam.SpamDataset(ROWS)
-    batch = spam.collate_spam([dataset[0], dataset[2]])
+    dataset = batching.SpamDataset(ROWS)
+    batch = batching.collate_spam([dataset[0], dataset[2]])
     assert batch.input_ids.shape == (2, 7)  # the longer of 1 and 7 tokens, not the data set's 10
     assert batch.lengths.tolist() == [1, 7] and batch.labels.tolist() == [0, 1]
     assert batch.input_ids[0, 1:].tolist() == [EOS_ID] * 6
@@ -370,16 +429,16 @@ def test_collate_pads_to_the_longest_message_of_the_batch():
 
 
 def test_collate_fixed_length_padding_in_a_dataloader():
-    dataset = spam.SpamDataset(ROWS)
+    dataset = batching.SpamDataset(ROWS)
     loader = DataLoader(dataset, batch_size=2, shuffle=False,
-                        collate_fn=functools.partial(spam.collate_spam, pad_to=16))
+                        collate_fn=functools.partial(batching.collate_spam, pad_to=16))
     batches = list(loader)
     assert [tuple(b.input_ids.shape) for b in batches] == [(2, 16), (1, 16)]
     assert batches[0].lengths.tolist() == [1, 10]
     assert (batches[1].input_ids[0, 7:] == EOS_ID).all() and (batches[1].input_ids[0, :7] != EOS_ID).all()
     assert batches[0].input_ids.dtype == batches[0].lengths.dtype == batches[0].labels.dtype == torch.long
     with pytest.raises(ValueError, match="pad_to=4 is shorter"):
-        spam.collate_spam([dataset[1]], pad_to=4)
+        batching.collate_spam([dataset[1]], pad_to=4)
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -387,7 +446,7 @@ def test_collate_fixed_length_padding_in_a_dataloader():
 # ------------------------------------------------------------------------------------------------------
 
 def _bucket_epochs(lengths, seed, epochs=2, batch_size=8):
-    sampler = spam.LengthBucketSampler(lengths, batch_size=batch_size, seed=seed, pool_batches=4)
+    sampler = batching.LengthBucketSampler(lengths, batch_size=batch_size, seed=seed, pool_batches=4)
     return sampler, [list(sampler) for _ in range(epochs)]
 
 
@@ -418,8 +477,8 @@ def test_bucketing_is_deterministic_and_cuts_padding():
 
 
 def test_bucketed_loaders_yield_every_training_message():
-    splits = spam.load_spam_splits(quick=True, write_csv=False)
-    loaders = spam.spam_dataloaders(splits, batch_size=8, context_length=256, bucket=True, seed=1)
+    splits = sms_spam.load_spam_splits(quick=True, write_csv=False)
+    loaders = batching.spam_dataloaders(splits, batch_size=8, context_length=256, bucket=True, seed=1)
     seen = sorted(int(n) for batch in loaders.train for n in batch.lengths)
     assert seen == sorted(loaders.train.dataset.lengths)
     assert len(loaders.train) == 11  # 84 messages in batches of 8

@@ -1,23 +1,19 @@
-"""The SMS Spam Collection: download, parse, balance, split, and a `SpamDataset` with its collate function.
+"""The SMS Spam Collection: parse, check, download into the cache, balance, split, and the split CSV files.
 
 The real data set (UCI Machine Learning Repository, data set 228; Almeida and Gomez Hidalgo, 2011; CC BY 4.0)
-is downloaded once into a cache folder. In quick mode a small hand-written sample that ships inside the
-package takes its place and goes through the very same parser, balancing and split.
+is downloaded once into a cache folder. In quick mode a small sample that ships inside the package takes its
+place and goes through the very same parser, balancing and split.
 
-Where the data comes from, first match wins:
-- a local path passed by the caller (`source=`; the CLI's `--data PATH`): the `SMSSpamCollection` file
-  itself or the UCI zip that holds it;
-- the cache folder `data_dir` (default: $LLM_SCRATCH_DATA, else ~/.cache/llm-scratch/sms_spam);
-- a download from the URLs in `urls=`, else $LLM_SCRATCH_SMS_URLS (comma-separated), else `DEFAULT_URLS`.
+Where the data comes from, first match wins: a local path (`data_path=`; the CLI's `--data-path PATH`) to
+the `SMSSpamCollection` file or the UCI zip that holds it; the cache folder `data_dir` (default:
+`default_sms_dir()`); a download from `urls=`, else $LLM_SCRATCH_SMS_URLS (comma-separated), else
+`DEFAULT_URLS`.
 """
 
 from __future__ import annotations
 
 import csv
-import functools
 import http.client
-import math
-import os
 import random
 import tempfile
 import time
@@ -30,12 +26,8 @@ from importlib import resources
 from pathlib import Path
 from typing import NamedTuple
 
-import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
-
-from llm_scratch.config import quick_mode
+from llm_scratch import config
 from llm_scratch.files import atomic_path
-from llm_scratch.tokenizer import EOS_ID, get_tokenizer
 
 LABELS = ("ham", "spam")  # index = class id: ham is 0, spam is 1
 LABEL_IDS = {name: index for index, name in enumerate(LABELS)}
@@ -46,13 +38,11 @@ DEFAULT_URLS: tuple[str, ...] = (
     # The older address of the same zip at UCI, still answered by some of its servers.
     "https://archive.ics.uci.edu/ml/machine-learning-databases/00228/smsspamcollection.zip",
 )
-URLS_ENV = "LLM_SCRATCH_SMS_URLS"  # comma-separated URLs tried in order instead of DEFAULT_URLS
-DATA_DIR_ENV = "LLM_SCRATCH_DATA"  # the cache folder for the data set and its splits
 SMS_FILE_NAME = "SMSSpamCollection"  # the data file inside the UCI zip, and its name in the cache
 EXPECTED_COUNTS = (5574, 747)  # (messages, spam) in the SMS Spam Collection v.1
 SPLIT_NAMES = ("train", "validation", "test")
 SPLIT_FRACTIONS = (0.7, 0.1)  # train and validation; the test set gets the rest (0.2)
-SAMPLE_RESOURCE = "data/sms_spam_sample.tsv"  # the quick-mode sample inside the package
+SAMPLE_RESOURCE = "sms_spam_sample.tsv"  # the quick-mode sample, package data of `llm_scratch.data`
 
 _USER_AGENT = "llm-scratch (SMS Spam Collection download for teaching notebooks)"
 _CHUNK_BYTES = 1 << 16
@@ -73,9 +63,7 @@ class SpamSplits(NamedTuple):
     test: list[SpamRow]
 
 
-# --------------------------------------------------------------------------------------------------------
-# Parsing and checking the raw file
-# --------------------------------------------------------------------------------------------------------
+# ---- Parsing and checking the raw file ----
 
 def parse_sms_spam(text: str, source: str = "<text>") -> list[SpamRow]:
     """Rows from the raw `label<TAB>message` format of the SMS Spam Collection (no header, no quoting).
@@ -90,15 +78,11 @@ def parse_sms_spam(text: str, source: str = "<text>") -> list[SpamRow]:
             continue  # blank lines (such as the end of the file) hold no message
         label, tab, message = line.partition("\t")
         if not tab:
-            raise ValueError(
-                f"{source}, line {line_number}: expected `ham` or `spam`, a TAB, then the message, but the "
-                f"line has no TAB: {line[:60]!r}. Fix or delete that line."
-            )
+            raise ValueError(f"{source}, line {line_number}: expected `ham` or `spam`, a TAB, then the "
+                             f"message, but the line has no TAB: {line[:60]!r}. Fix or delete that line.")
         if label not in LABEL_IDS:
-            raise ValueError(
-                f"{source}, line {line_number}: the label must be one of {LABELS}, got {label[:30]!r}. "
-                "Fix or delete that line."
-            )
+            raise ValueError(f"{source}, line {line_number}: the label must be one of {LABELS}, got "
+                             f"{label[:30]!r}. Fix or delete that line.")
         if not message.strip():
             raise ValueError(f"{source}, line {line_number}: the message after the TAB is empty. "
                              "Fix or delete that line.")
@@ -155,38 +139,32 @@ def check_counts(rows: Sequence[SpamRow], expected_counts: tuple[int, int] | Non
         return
     n_spam = sum(row.label for row in rows)
     if (len(rows), n_spam) != tuple(expected_counts):
-        raise ValueError(
-            f"{source} holds {len(rows):,} messages ({n_spam:,} spam), but the SMS Spam Collection has "
-            f"{expected_counts[0]:,} ({expected_counts[1]:,} spam). The file is incomplete or a different "
-            "data set; delete it and download it again."
-        )
+        raise ValueError(f"{source} holds {len(rows):,} messages ({n_spam:,} spam), but the SMS Spam "
+                         f"Collection has {expected_counts[0]:,} ({expected_counts[1]:,} spam). The file is "
+                         "incomplete or a different data set; delete it and download it again.")
 
 
 def load_sample() -> list[SpamRow]:
     """The small hand-written sample set that ships with the package (quick mode, tests, no network)."""
-    resource = resources.files("llm_scratch").joinpath(SAMPLE_RESOURCE)
-    return parse_sms_spam(_decode(resource.read_bytes(), f"llm_scratch/{SAMPLE_RESOURCE}"),
-                          f"llm_scratch/{SAMPLE_RESOURCE}")
+    resource = resources.files("llm_scratch.data").joinpath(SAMPLE_RESOURCE)
+    name = f"llm_scratch/data/{SAMPLE_RESOURCE}"  # what error messages call it
+    return parse_sms_spam(_decode(resource.read_bytes(), name), name)
 
 
-# --------------------------------------------------------------------------------------------------------
-# Download into the cache
-# --------------------------------------------------------------------------------------------------------
+# ---- Download into the cache ----
 
-def default_data_dir() -> Path:
-    """The cache folder for the data set: $LLM_SCRATCH_DATA if set, else ~/.cache/llm-scratch/sms_spam."""
-    if os.environ.get(DATA_DIR_ENV):
-        return Path(os.environ[DATA_DIR_ENV]).expanduser()
-    return Path.home() / ".cache" / "llm-scratch" / "sms_spam"
+def default_sms_dir() -> Path:
+    """The data set's cache folder: `sms_spam/` inside `config.data_dir()` (the cache of all downloads)."""
+    return config.data_dir() / "sms_spam"
 
 
 def download_urls(urls: Sequence[str] | None = None) -> list[str]:
     """The URLs to try, in order: `urls` if given, else $LLM_SCRATCH_SMS_URLS, else `DEFAULT_URLS`."""
     if urls is None:
-        urls = [url.strip() for url in os.environ.get(URLS_ENV, "").split(",") if url.strip()] or DEFAULT_URLS
+        urls = config.sms_urls_from_env() or DEFAULT_URLS
     urls = list(urls)
     if not urls:
-        raise ValueError(f"no download URL given; pass at least one or unset {URLS_ENV}")
+        raise ValueError(f"no download URL given; pass at least one or unset {config.SMS_URLS_ENV}")
     return urls
 
 
@@ -221,22 +199,16 @@ def _describe(error: BaseException) -> str:
     return f"{type(error).__name__}: {error}"
 
 
-def download_sms_spam(
-    data_dir: str | Path | None = None,
-    urls: Sequence[str] | None = None,
-    *,
-    timeout: float = 30.0,
-    retries: int = 1,
-    retry_delay: float = 2.0,
-    expected_counts: tuple[int, int] | None = EXPECTED_COUNTS,
-    progress: bool = True,
-) -> Path:
+def download_sms_spam(data_dir: str | Path | None = None, urls: Sequence[str] | None = None, *,
+                      timeout: float = 30.0, retries: int = 1, retry_delay: float = 2.0,
+                      expected_counts: tuple[int, int] | None = EXPECTED_COUNTS,
+                      progress: bool = True) -> Path:
     """Download the UCI zip once and cache its verified `SMSSpamCollection` file in `data_dir`; its path.
 
     Each URL gets `1 + retries` tries. The zip goes to a temporary file and only a complete zip whose file
     parses with `expected_counts` reaches the cache, so the cache never holds a half or wrong file.
     """
-    data_dir = Path(data_dir).expanduser() if data_dir is not None else default_data_dir()
+    data_dir = Path(data_dir).expanduser() if data_dir is not None else default_sms_dir()
     target = data_dir / SMS_FILE_NAME
     if target.is_file():
         return target
@@ -258,8 +230,9 @@ def download_sms_spam(
         f"could not download the SMS Spam Collection into {data_dir}. Tried:\n{tried}\n"
         "Ways on:\n"
         f"  - download {UCI_URL} yourself (a browser works) and pass its path: the zip or the "
-        f"{SMS_FILE_NAME} file inside it (`--data PATH` on the command line, `source=PATH` in Python);\n"
-        f"  - or set {URLS_ENV} to a comma-separated list of URLs that serve the same zip;\n"
+        f"{SMS_FILE_NAME} file inside it (`--data-path PATH` on the command line, `data_path=PATH` in "
+        "Python);\n"
+        f"  - or set {config.SMS_URLS_ENV} to a comma-separated list of URLs that serve the same zip;\n"
         "  - or run in quick mode (LLM_SCRATCH_QUICK=1 or --quick) with the small sample data set."
     )
 
@@ -267,11 +240,9 @@ def download_sms_spam(
 def _download_and_verify(url: str, target: Path, timeout: float,
                          expected_counts: tuple[int, int] | None, progress: bool) -> None:
     """One try: download into a temporary zip beside `target`, verify it, then move its file into place."""
-    folder = target.parent
-    fd, zip_name = tempfile.mkstemp(prefix=".download-", suffix=".zip.part", dir=folder)
-    os.close(fd)
-    zip_path = Path(zip_name)
-    try:
+    # The temporary folder (and the zip in it) is deleted however this try ends.
+    with tempfile.TemporaryDirectory(prefix=".download-", dir=target.parent) as folder:
+        zip_path = Path(folder) / "download.zip.part"
         _fetch(url, zip_path, timeout, progress)
         if not zipfile.is_zipfile(zip_path):
             raise ValueError(f"what the server sent ({zip_path.stat().st_size:,} bytes) is not a zip file; "
@@ -281,13 +252,9 @@ def _download_and_verify(url: str, target: Path, timeout: float,
         check_counts(rows, expected_counts, f"{url}:{SMS_FILE_NAME}")
         with atomic_path(target) as part:  # the cache sees all of the file or none of it
             part.write_text(text, encoding="utf-8", newline="")
-    finally:
-        zip_path.unlink(missing_ok=True)
 
 
-# --------------------------------------------------------------------------------------------------------
-# Balance, split, and the CSV files
-# --------------------------------------------------------------------------------------------------------
+# ---- Balance, split, and the CSV files ----
 
 def balance(rows: Sequence[SpamRow], seed: int = 123) -> list[SpamRow]:
     """Undersample ham to the number of spam messages, so that always answering "ham" scores only 50%."""
@@ -331,7 +298,8 @@ def read_split_csv(path: str | Path) -> list[SpamRow]:
     """Rows from a CSV file written by `write_split_csv` (header `text,label`, labels 0 or 1)."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist; `load_spam_splits()` writes the split CSV files")
+        raise FileNotFoundError(f"{path} does not exist; `load_spam_splits(write_csv=True)` or "
+                                "`write_splits()` writes the split CSV files")
     with open(path, encoding="utf-8", newline="") as file:
         reader = csv.reader(file)
         header = next(reader, None)
@@ -352,26 +320,20 @@ def write_splits(splits: SpamSplits, data_dir: str | Path) -> dict[str, Path]:
             for name, rows in zip(SPLIT_NAMES, splits, strict=True)}
 
 
-def load_spam_splits(
-    data_dir: str | Path | None = None,
-    source: str | Path | None = None,
-    quick: bool | None = None,
-    seed: int = 123,
-    *,
-    urls: Sequence[str] | None = None,
-    expected_counts: tuple[int, int] | None = EXPECTED_COUNTS,
-    write_csv: bool = True,
-) -> SpamSplits:
-    """The balanced train/validation/test splits, from `source`, else quick mode's sample, else the cache.
+def load_spam_splits(data_dir: str | Path | None = None, data_path: str | Path | None = None,
+                     quick: bool | None = None, seed: int = 123, *, urls: Sequence[str] | None = None,
+                     expected_counts: tuple[int, int] | None = EXPECTED_COUNTS,
+                     write_csv: bool = False) -> SpamSplits:
+    """The balanced train/validation/test splits, from `data_path`, else quick mode's sample, else the cache.
 
-    `quick=None` follows LLM_SCRATCH_QUICK. The real data is downloaded into `data_dir` when missing. The
-    splits are also written as CSV files to `data_dir` (quick mode: its `quick/` subfolder).
+    `quick=None` follows LLM_SCRATCH_QUICK. The real data is downloaded into `data_dir` when missing. With
+    `write_csv=True` the splits are also written as CSV files to `data_dir` (quick mode: its `quick/` folder).
     """
-    quick = quick_mode() if quick is None else quick
-    data_dir = Path(data_dir).expanduser() if data_dir is not None else default_data_dir()
-    if source is not None:
-        rows = read_sms_spam(source)
-        check_counts(rows, expected_counts, str(source))
+    quick = config.quick_mode() if quick is None else quick
+    data_dir = Path(data_dir).expanduser() if data_dir is not None else default_sms_dir()
+    if data_path is not None:
+        rows = read_sms_spam(data_path)
+        check_counts(rows, expected_counts, str(data_path))
     elif quick:
         rows = load_sample()
         data_dir = data_dir / "quick"  # never overwrite the real splits with the sample's
@@ -383,145 +345,3 @@ def load_spam_splits(
     if write_csv:
         write_splits(splits, data_dir)
     return splits
-
-
-# --------------------------------------------------------------------------------------------------------
-# Dataset and batches
-# --------------------------------------------------------------------------------------------------------
-
-class SpamDataset(Dataset):
-    """Token ids and labels of SMS messages, each truncated to `max_length` tokens, with its length kept.
-
-    `max_length=None` means the longest message of this data set; give the validation and test sets the
-    training set's `max_length` so that all three see messages the same way. Never over `context_length`.
-    """
-
-    def __init__(self, rows: Iterable[tuple[str, int]], tokenizer=None, max_length: int | None = None,
-                 context_length: int = 1024) -> None:
-        tokenizer = tokenizer or get_tokenizer()
-        rows = [SpamRow(text, int(label)) for text, label in rows]
-        if not rows:
-            raise ValueError("SpamDataset needs at least one message; the rows given are empty")
-        if max_length is not None and not 1 <= max_length <= context_length:
-            raise ValueError(f"max_length must be between 1 and the model's context_length "
-                             f"({context_length}), got {max_length}")
-        # encode_ordinary: a message that contains "<|endoftext|>" is read as plain text, not as the token.
-        encoded = [tokenizer.encode_ordinary(row.text) for row in rows]
-        for index, ids in enumerate(encoded):
-            if not ids:
-                raise ValueError(f"message {index} ({rows[index].text!r:.40}) encodes to no tokens at all")
-        longest = max(len(ids) for ids in encoded)
-        self.max_length = min(longest, context_length) if max_length is None else max_length
-        self.encoded = [ids[: self.max_length] for ids in encoded]
-        self.lengths = [len(ids) for ids in self.encoded]  # after truncation: where each message ends
-        self.labels = [row.label for row in rows]
-        self.texts = [row.text for row in rows]
-
-    def __len__(self) -> int:
-        return len(self.encoded)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        return torch.tensor(self.encoded[index], dtype=torch.long), self.labels[index]
-
-
-class SpamBatch(NamedTuple):
-    """A padded batch: `input_ids` (batch, n_tokens), `lengths` (batch,) real tokens, `labels` (batch,)."""
-
-    input_ids: torch.Tensor
-    lengths: torch.Tensor
-    labels: torch.Tensor
-
-
-def collate_spam(batch: Sequence[tuple[torch.Tensor, int]], pad_id: int = EOS_ID,
-                 pad_to: int | None = None) -> SpamBatch:
-    """Right-pad a list of (token_ids, label) with `pad_id` to the batch's longest message, or to `pad_to`.
-
-    For fixed-length batches in a DataLoader: `collate_fn=functools.partial(collate_spam, pad_to=120)`.
-    """
-    if not batch:
-        raise ValueError("collate_spam got an empty batch")
-    lengths = torch.tensor([len(ids) for ids, _ in batch], dtype=torch.long)  # (batch,)
-    longest = int(lengths.max())
-    n_tokens = longest if pad_to is None else pad_to
-    if n_tokens < longest:
-        raise ValueError(f"pad_to={pad_to} is shorter than the longest message in the batch ({longest} "
-                         "tokens); build the SpamDataset with max_length <= pad_to")
-    # Padding goes on the right. With causal attention a real token never attends to a later position, so
-    # the logits at `lengths - 1` (the last real token, which classification reads) are the same as without
-    # any padding; the padded positions' outputs are simply never used.
-    input_ids = torch.full((len(batch), n_tokens), pad_id, dtype=torch.long)  # (batch, n_tokens)
-    for row, (ids, _) in enumerate(batch):
-        input_ids[row, : len(ids)] = ids
-    labels = torch.tensor([int(label) for _, label in batch], dtype=torch.long)  # (batch,)
-    return SpamBatch(input_ids, lengths, labels)
-
-
-
-class LengthBucketSampler(Sampler[list[int]]):
-    """Batches of messages of similar length, so that dynamic padding adds few padding tokens.
-
-    Each epoch: shuffle all indices, cut them into pools of `pool_batches` batches, sort each pool by length,
-    cut it into batches, and shuffle the order of the batches. Every message comes exactly once per epoch;
-    the same `seed` gives the same batches.
-    """
-
-    def __init__(self, lengths: Sequence[int], batch_size: int, seed: int = 123,
-                 pool_batches: int = 50) -> None:
-        if batch_size < 1 or pool_batches < 1:
-            raise ValueError(f"batch_size and pool_batches must be >= 1, got {batch_size} and {pool_batches}")
-        self.lengths = list(lengths)
-        self.batch_size = batch_size
-        self.pool_batches = pool_batches
-        self.pool_size = batch_size * pool_batches
-        self.generator = torch.Generator().manual_seed(seed)  # advances every epoch: new batches each time
-
-    def __len__(self) -> int:
-        full_pools, rest = divmod(len(self.lengths), self.pool_size)
-        return full_pools * self.pool_batches + math.ceil(rest / self.batch_size)
-
-    def __iter__(self):
-        order = torch.randperm(len(self.lengths), generator=self.generator).tolist()
-        batches = []
-        for start in range(0, len(order), self.pool_size):
-            pool = order[start : start + self.pool_size]
-            pool.sort(key=lambda index: self.lengths[index])  # stable: ties keep their random order
-            batches += [pool[i : i + self.batch_size] for i in range(0, len(pool), self.batch_size)]
-        for position in torch.randperm(len(batches), generator=self.generator).tolist():
-            yield batches[position]
-
-
-class SpamLoaders(NamedTuple):
-    """DataLoaders of the three splits; `max_length` is the training set's, shared by all three."""
-
-    train: DataLoader
-    validation: DataLoader
-    test: DataLoader
-    max_length: int
-
-
-def spam_dataloaders(splits: SpamSplits, *, batch_size: int = 8, context_length: int = 1024,
-                     max_length: int | None = None, pad_to: int | None = None, bucket: bool = False,
-                     seed: int = 123, tokenizer=None) -> SpamLoaders:
-    """DataLoaders for training (shuffled with `seed`) and evaluation, padding each batch dynamically.
-
-    `pad_to` pads every batch to that many tokens instead (the fixed padding of other courses); `bucket`
-    groups training messages of similar length into batches (`LengthBucketSampler`), for less padding.
-    """
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    train = SpamDataset(splits.train, tokenizer, max_length, context_length)
-    validation = SpamDataset(splits.validation, tokenizer, train.max_length, context_length)
-    test = SpamDataset(splits.test, tokenizer, train.max_length, context_length)
-    collate = functools.partial(collate_spam, pad_to=pad_to)
-    if bucket:
-        train_loader = DataLoader(train, batch_sampler=LengthBucketSampler(train.lengths, batch_size, seed),
-                                  collate_fn=collate)
-    else:
-        generator = torch.Generator().manual_seed(seed)
-        train_loader = DataLoader(train, batch_size, shuffle=True, generator=generator, collate_fn=collate)
-    return SpamLoaders(
-        train=train_loader,
-        validation=DataLoader(validation, batch_size, collate_fn=collate),
-        test=DataLoader(test, batch_size, collate_fn=collate),
-        max_length=train.max_length,
-    )

@@ -1,0 +1,82 @@
+"""Quick-mode run time of each notebook, run exactly as CI runs it (a fresh kernel; its start is included).
+
+    python benchmarks/bench_notebooks.py                                            # every notebook
+    python benchmarks/bench_notebooks.py notebooks/04_spam_classification_lora.ipynb   # only those named
+
+Each notebook runs top to bottom with LLM_SCRATCH_QUICK=1, no network (HF_HUB_OFFLINE=1) and its figures and
+run files in a temporary folder. `tests/test_notebooks.py` runs the notebooks with `run_notebook_quick` from
+here and fails only on an error; the times are measured here, never asserted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import nbformat
+from nbclient import NotebookClient
+
+NOTEBOOK_DIR = Path(__file__).resolve().parents[1] / "notebooks"
+NOTEBOOKS = sorted(NOTEBOOK_DIR.glob("*.ipynb"))
+CELL_TIMEOUT_S = 600  # a limit against a cell that hangs, not a time budget
+
+
+def quick_env(workdir: Path) -> dict[str, str]:
+    """The environment variables of a quick-mode run: tiny model, no network, files under `workdir`."""
+    return {
+        "LLM_SCRATCH_QUICK": "1",
+        "LLM_SCRATCH_FIGURES": str(workdir / "figures"),  # the committed figures stay untouched
+        "LLM_SCRATCH_RUNS": str(workdir / "runs"),
+        "HF_HUB_OFFLINE": "1",  # quick mode must never touch the network
+        "MPLBACKEND": "Agg",
+    }
+
+
+def run_notebook_quick(path: Path, workdir: Path) -> float:
+    """Execute the notebook at `path` top to bottom in quick mode; return its seconds, kernel start included.
+
+    Raises nbclient's CellExecutionError (with the cell and its traceback) on any error or cell timeout.
+    """
+    notebook = nbformat.read(path, as_version=4)
+    client = NotebookClient(notebook, timeout=CELL_TIMEOUT_S, kernel_name="python3",
+                            resources={"metadata": {"path": str(path.parent)}})  # the kernel starts there
+    start = time.perf_counter()
+    client.execute(env={**os.environ, **quick_env(workdir)})  # the kernel's environment; ours is unchanged
+    return time.perf_counter() - start
+
+
+def main(argv: list[str] | None = None) -> dict[str, float]:
+    """Run the notebooks one after the other, print a markdown table; return the seconds by notebook name."""
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("notebooks", nargs="*", type=Path, help="notebooks to run (default: all of them)")
+    args = parser.parse_args(argv)
+    paths = [path.resolve() for path in args.notebooks] or NOTEBOOKS
+    missing = [str(path) for path in paths if not path.is_file()]
+    if missing:
+        parser.error(f"no such notebook: {', '.join(missing)}")
+    # Imported here, not at the top: the test imports this module without torch or the package.
+    from bench_generate import machine_description  # benchmarks/ is on the path when run as a script
+
+    command = "python benchmarks/bench_notebooks.py " + shlex.join(sys.argv[1:] if argv is None else argv)
+    seconds = {}
+    for path in paths:
+        with tempfile.TemporaryDirectory(prefix="bench-notebooks-") as workdir:
+            seconds[path.name] = run_notebook_quick(path, Path(workdir))
+        print(f"{path.name}: {seconds[path.name]:.1f} s", file=sys.stderr, flush=True)  # progress
+
+    print(f"\nMachine: {machine_description()}  ")
+    print(f"Command: `{command.strip()}`\n")
+    print("| notebook | quick-mode time |\n|---|---:|")
+    for name, sec in seconds.items():
+        print(f"| {name} | {sec:.1f} s |")
+    return seconds
+
+
+if __name__ == "__main__":
+    main()
