@@ -1,7 +1,7 @@
 """Quick-mode run time of each notebook, run exactly as CI runs it (a fresh kernel; its start is included).
 
     python benchmarks/bench_notebooks.py                                            # every notebook
-    python benchmarks/bench_notebooks.py notebooks/04_spam_classification_lora.ipynb   # only those named
+    python benchmarks/bench_notebooks.py notebooks/05_spam_classification_lora.ipynb   # only those named
 
 Each notebook runs top to bottom with LLM_SCRATCH_QUICK=1, no network (HF_HUB_OFFLINE=1) and its figures and
 run files in a temporary folder. `tests/test_notebooks.py` runs the notebooks with `run_notebook_quick` from

@@ -82,7 +82,7 @@ class LoRALayer(nn.Module):
 
     Scaling is alpha / rank (rsLoRA: alpha / sqrt(rank)), as in the LoRA paper and PEFT. Multiplying by
     plain alpha instead makes the first updates grow with the rank, so every new rank needs a new learning
-    rate; dividing by the rank cancels that growth (notebook 03 measures it).
+    rate; dividing by the rank cancels that growth (notebook 04 measures it).
     """
 
     def __init__(
