@@ -4,6 +4,7 @@ safetensors files so that a NaN or an infinity never reaches a model unnoticed."
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -33,8 +34,8 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(handle)
     try:
-        os.chmod(temporary, 0o666 & ~umask())  # mkstemp makes the file private (0600)
         yield Path(temporary)
+        os.chmod(temporary, 0o666 & ~umask())  # mkstemp makes it private (0600); writers may recreate it
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
@@ -43,9 +44,16 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
 
 def save_safetensors(tensors: dict[str, torch.Tensor], path: str | Path,
                      metadata: dict[str, str] | None = None) -> Path:
-    """Write `tensors` to a safetensors file at `path`, all or nothing."""
+    """Write `tensors` to a safetensors file at `path`, all or nothing; a failed write (a full disk, ...) is
+    an OSError naming `path`."""
     with atomic_path(path) as temporary:
-        save_file(tensors, temporary, metadata)
+        try:
+            save_file(tensors, temporary, metadata)
+        except SafetensorError as error:  # safetensors reports I/O errors as "... (os error 28)"
+            code = re.search(r"os error (\d+)", str(error))
+            if code is None:
+                raise
+            raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(path)) from None
     return Path(path)
 
 

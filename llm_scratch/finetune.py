@@ -231,7 +231,7 @@ def _train_into(folder: Path, settings: FinetuneSettings, quick: bool, model_nam
 
     data = "sample data" if quick and settings.data_path is None else "SMS Spam Collection"
     run = {"method": method, "model_name": source["model_name"], "quick": quick, "data": data, "base": source,
-           "labels": list(LABELS), "max_length": loaders.max_length,
+           "seed": settings.seed, "labels": list(LABELS), "max_length": loaders.max_length,
            "lora_config": dataclasses.asdict(lora_config) if method == "lora" else None}
     saved = _save_trained(model, method, lora_config, model_name, folder)
     run["trained"] = fingerprint(saved)
@@ -239,7 +239,7 @@ def _train_into(folder: Path, settings: FinetuneSettings, quick: bool, model_nam
 
     metrics = {
         **run, **accuracies, "epochs": epochs, "lr": lr, "batch_size": settings.batch_size,
-        "bucket": settings.bucket, "seed": settings.seed, "device": str(device),
+        "bucket": settings.bucket, "device": str(device),
         "trainable_parameters": summary.trainable, "total_parameters": summary.base,
         "train_time_s": history.wall_time_s, "peak_memory_mb": history.peak_memory_mb,
         "peak_memory_kind": history.peak_memory_kind, "saved_file": saved.name,

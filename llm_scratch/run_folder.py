@@ -86,10 +86,15 @@ def _locked(out: Path) -> Iterator[None]:
     """Hold the lock file `.NAME.lock` beside `out`; a RuntimeError if another run holds it."""
     lock = out.parent / f".{out.name}.lock"
     with open(lock, "a") as handle:
-        if not _try_lock(handle):
+        # Locked, and (checked once locked) still the file at that path, not one a run that ended deleted?
+        locked = _try_lock(handle)
+        if not locked or not lock.exists() or os.stat(lock).st_ino != os.fstat(handle.fileno()).st_ino:
             raise RuntimeError(f"another run is writing into {out} right now (it holds the lock {lock}); "
                                "wait until it ends, or choose another run folder (--out)")
-        yield
+        try:
+            yield
+        finally:
+            lock.unlink(missing_ok=True)  # while still holding it, so no other run can be holding it
 
 
 def _leftovers(out: Path) -> list[Path]:
@@ -123,6 +128,12 @@ def writing_run(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
                 shutil.rmtree(replaced, ignore_errors=True)
             else:
                 os.rename(staging, out)
+        except OSError as error:  # name the file where the user will look for it: in `out`
+            shutil.rmtree(staging, ignore_errors=True)
+            where = str(error.filename or "")
+            if error.errno is None or not where.startswith(str(staging)):
+                raise
+            raise OSError(error.errno, error.strerror, str(out) + where[len(str(staging)):]) from error
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
