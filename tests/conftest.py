@@ -19,6 +19,17 @@ def no_network(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(socket.socket, "connect", refuse)
 
 
+def folder_bytes(folder: Path) -> dict[str, bytes]:
+    """Every file under `folder` (hidden ones included) and its bytes: equal snapshots, unchanged folder."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="session")
+def snapshot():
+    """`snapshot(folder)`: every file under the folder and its bytes (see `folder_bytes`)."""
+    return folder_bytes
+
+
 @pytest.fixture(scope="session")
 def messages() -> list[str]:
     """Messages the run-folder tests classify; their exact probabilities tell two runs apart."""

@@ -40,11 +40,6 @@ def cli(capsys, *args: str) -> tuple[int, str, str]:
     return code, captured.out, captured.err
 
 
-def snapshot(folder: Path) -> dict[str, bytes]:
-    """Every file under `folder` (hidden ones included) and its bytes."""
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
 def record_checksum(run_dir: Path, key: str, path: Path) -> None:
     """Write the fingerprint of `path` into run.json's `key` ("base" or "trained"), as if it were genuine:
     so that the check under test is the one after the checksums."""
@@ -88,7 +83,7 @@ BAD_ARGUMENTS = [  # (arguments, what the one-line error must say)
 
 
 @pytest.mark.parametrize("arguments, message", BAD_ARGUMENTS, ids=[" ".join(a) for a, _ in BAD_ARGUMENTS])
-def test_a_bad_argument_is_refused_in_one_line_and_the_existing_run_is_untouched(good_run, capsys,
+def test_a_bad_argument_is_refused_in_one_line_and_the_existing_run_is_untouched(snapshot, good_run, capsys,
                                                                                  arguments, message):
     before = snapshot(good_run.parent)
     code, _, err = cli(capsys, "finetune", "--quick", "--out", good_run, "--overwrite", "--no-progress",
@@ -113,7 +108,7 @@ def test_a_device_this_machine_lacks_is_refused(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("out", ["", ".", ".."])
-def test_the_current_folder_is_never_a_run_folder(tmp_path, monkeypatch, capsys, out):
+def test_the_current_folder_is_never_a_run_folder(snapshot, tmp_path, monkeypatch, capsys, out):
     work = tmp_path / "work"
     work.mkdir()
     monkeypatch.chdir(work)
@@ -224,7 +219,7 @@ def test_training_stops_at_the_first_non_finite_loss_before_using_it():
     assert all(torch.isfinite(p).all() for p in model.parameters())  # the NaN step was never applied
 
 
-def test_a_diverging_run_stops_with_the_step_and_saves_nothing(good_run, capsys):
+def test_a_diverging_run_stops_with_the_step_and_saves_nothing(snapshot, good_run, capsys):
     before = snapshot(good_run.parent)
     code, _, err = cli(capsys, "finetune", "--quick", "--lr", "1e10", "--out", good_run, "--overwrite",
                        "--no-progress")
@@ -232,7 +227,7 @@ def test_a_diverging_run_stops_with_the_step_and_saves_nothing(good_run, capsys)
     assert snapshot(good_run.parent) == before
 
 
-def test_nan_left_in_the_trained_tensors_is_never_saved(good_run, monkeypatch):
+def test_nan_left_in_the_trained_tensors_is_never_saved(snapshot, good_run, monkeypatch):
     def diverge_at_the_end(model, *args, **kwargs):
         history = train_classifier(model, *args, **kwargs)
         with torch.no_grad():

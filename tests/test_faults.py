@@ -28,11 +28,6 @@ from llm_scratch.finetune import classify_with_run
 from llm_scratch.run_folder import RUN_FILE
 
 
-def snapshot(folder: Path) -> dict[str, bytes]:
-    """Every file under `folder` (hidden ones included) and its bytes."""
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
 def environment(tmp_path: Path) -> dict[str, str]:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "MPLBACKEND": "Agg", "OMP_NUM_THREADS": "1",
            "PYTHONUNBUFFERED": "1", "LLM_SCRATCH_DATA": str(tmp_path / "cache")}
@@ -127,7 +122,7 @@ def test_sigkill_at_random_moments_leaves_the_old_run_or_the_new_one(old_run, tm
     assert sum(n for (when, _), n in outcomes.items() if when.startswith("while saving")) >= 5
 
 
-def test_ctrl_c_during_training_prints_one_line_exits_130_and_changes_nothing(old_run, tmp_path):
+def test_ctrl_c_during_training_prints_one_line_exits_130_and_changes_nothing(snapshot, old_run, tmp_path):
     before = snapshot(old_run.parent)
     process = start(tmp_path, *new_run(old_run, epochs=50))
     assert "trainable" in process.stdout.readline()  # training has begun
@@ -139,7 +134,7 @@ def test_ctrl_c_during_training_prints_one_line_exits_130_and_changes_nothing(ol
     assert snapshot(old_run.parent) == before
 
 
-def test_a_file_size_limit_while_saving_ends_in_one_line_and_changes_nothing(old_run, tmp_path):
+def test_a_file_size_limit_while_saving_ends_in_one_line_and_changes_nothing(snapshot, old_run, tmp_path):
     def limit_file_size() -> None:  # Python ignores SIGXFSZ, so a write past the limit fails with EFBIG
         resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))  # 1 MiB: the base model is 13 MB
 
@@ -152,7 +147,8 @@ def test_a_file_size_limit_while_saving_ends_in_one_line_and_changes_nothing(old
 
 
 @pytest.mark.parametrize("where", ["safetensors", "figure"])
-def test_a_full_disk_while_saving_ends_in_one_line_and_changes_nothing(old_run, monkeypatch, capsys, where):
+def test_a_full_disk_while_saving_ends_in_one_line_and_changes_nothing(snapshot, old_run, monkeypatch, capsys,
+                                                                      where):
     def disk_full(*args, **kwargs):  # save_file(tensors, path, ...) or Figure.savefig(figure, path, ...)
         path = args[1]
         Path(path).write_bytes(b"half a file")
@@ -170,14 +166,14 @@ def test_a_full_disk_while_saving_ends_in_one_line_and_changes_nothing(old_run, 
     assert snapshot(old_run.parent) == before
 
 
-def test_out_naming_a_file_is_refused(tmp_path, capsys):
+def test_out_naming_a_file_is_refused(snapshot, tmp_path, capsys):
     (tmp_path / "notes.txt").write_text("keep me")
     assert main(new_run(tmp_path / "notes.txt")) == 2
     assert "notes.txt is a file, not a folder; choose another run folder (--out)" in capsys.readouterr().err
     assert snapshot(tmp_path) == {"notes.txt": b"keep me"}
 
 
-def test_out_under_a_file_is_one_line_naming_the_path(tmp_path, capsys):
+def test_out_under_a_file_is_one_line_naming_the_path(snapshot, tmp_path, capsys):
     (tmp_path / "notes.txt").write_text("keep me")
     assert main(new_run(tmp_path / "notes.txt" / "run")) == 2
     err = capsys.readouterr().err
@@ -186,7 +182,7 @@ def test_out_under_a_file_is_one_line_naming_the_path(tmp_path, capsys):
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
-def test_a_read_only_folder_is_one_line_naming_the_path(old_run, capsys):
+def test_a_read_only_folder_is_one_line_naming_the_path(snapshot, old_run, capsys):
     before = snapshot(old_run.parent)
     old_run.parent.chmod(0o555)
     try:

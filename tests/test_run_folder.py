@@ -28,11 +28,6 @@ from llm_scratch.run_folder import (
 METHODS = ("full", "last-block", "lora")
 
 
-def snapshot(folder: Path) -> dict[str, bytes]:
-    """Every file under `folder` (hidden ones included) and its bytes."""
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
 def hidden_leftovers(parent: Path) -> list[str]:
     return sorted(p.name for p in parent.iterdir() if p.name.startswith("."))
 
@@ -64,7 +59,7 @@ def test_an_existing_run_is_refused_without_overwrite_and_replaced_only_when_com
 
 
 @pytest.mark.parametrize("stop", [RuntimeError("training diverged"), KeyboardInterrupt()])
-def test_a_failed_or_interrupted_run_leaves_the_old_folder_and_no_temporary_one(tmp_path, stop):
+def test_a_failed_or_interrupted_run_leaves_the_old_folder_and_no_temporary_one(snapshot, tmp_path, stop):
     out = tmp_path / "lora"
     out.mkdir()
     (out / RUN_FILE).write_text("old")
@@ -80,7 +75,8 @@ def test_a_failed_or_interrupted_run_leaves_the_old_folder_and_no_temporary_one(
     ("..", "the current folder or one above it"), ("a_file", "is a file, not a folder"),
     ("mixed", r"holds files a run does not write \(notes.txt\)"),
 ])
-def test_folders_that_cannot_take_a_run_are_refused_even_with_overwrite(tmp_path, monkeypatch, out, message):
+def test_folders_that_cannot_take_a_run_are_refused_even_with_overwrite(snapshot, tmp_path, monkeypatch, out,
+                                                                       message):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "a_file").write_text("keep me")
     (tmp_path / "mixed").mkdir()
