@@ -58,7 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help=f"steps between validation-loss checks (default {default.eval_every})")
     tune.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
 
-    cls = commands.add_parser("classify", help="classify texts with a saved fine-tuning run")
+    cls = commands.add_parser("classify", help="classify texts with a saved fine-tuning run",
+                              usage="%(prog)s [-h] --run RUN [--] texts [texts ...]")  # -- : see texts
     cls.add_argument("--run", type=Path, required=True, help="the folder a finetune run wrote")
     cls.add_argument("texts", nargs="+", help="one or more messages; put -- before them if one starts "
                                               "with '-': classify --run DIR -- '-50%% off today'")

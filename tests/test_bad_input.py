@@ -311,9 +311,9 @@ def test_texts_that_start_with_a_dash_are_classified_after_double_dash(good_run,
     code, out, _ = cli(capsys, "classify", "--run", good_run, "--", "-50% off today only", "--help me")
     assert code == 0
     assert [line.split("  ", 1)[1] for line in out.splitlines()] == ["-50% off today only", "--help me"]
-    with pytest.raises(SystemExit) as exit_info:  # without --: argparse's own one-line usage error
+    with pytest.raises(SystemExit) as exit_info:  # without --: argparse's usage error, which shows the --
         main(["classify", "--run", str(good_run), "-50%"])
-    assert exit_info.value.code == 2
+    assert exit_info.value.code == 2 and "classify [-h] --run RUN [--] texts" in capsys.readouterr().err
 
 
 def test_a_bad_run_json_is_one_line_naming_the_file_and_the_key(good_run, capsys):

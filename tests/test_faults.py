@@ -16,6 +16,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -181,15 +182,21 @@ def test_out_under_a_file_is_one_line_naming_the_path(snapshot, tmp_path, capsys
     assert snapshot(tmp_path) == {"notes.txt": b"keep me"}
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
-def test_a_read_only_folder_is_one_line_naming_the_path(snapshot, old_run, capsys):
+def test_a_read_only_folder_is_one_line_naming_the_path(snapshot, old_run, monkeypatch, capsys):
     before = snapshot(old_run.parent)
-    old_run.parent.chmod(0o555)
+    if os.geteuid() == 0:  # root writes into read-only folders: the operating system's refusal is simulated
+        def refuse(*args, dir=None, **kwargs):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(dir))
+
+        monkeypatch.setattr(tempfile, "mkdtemp", refuse)
+    else:
+        old_run.parent.chmod(0o555)
     try:
         assert main(new_run(old_run)) == 2
     finally:
         old_run.parent.chmod(0o755)
     err = capsys.readouterr().err
+    assert err.startswith(f"error: {old_run.parent}") and err.count("\n") == 1
     assert "Permission denied; no permission: choose a folder you can write to" in err
     assert snapshot(old_run.parent) == before
 
