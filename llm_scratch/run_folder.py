@@ -9,6 +9,7 @@ weights and of the trained tensors, and `read_run` refuses a record that lacks o
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import glob
 import hashlib
@@ -94,7 +95,8 @@ def _locked(out: Path) -> Iterator[None]:
         try:
             yield
         finally:
-            lock.unlink(missing_ok=True)  # while still holding it, so no other run can be holding it
+            with contextlib.suppress(OSError):  # Windows keeps an open file: the lock file stays there
+                lock.unlink()  # while still holding it, so that no other run can be holding it
 
 
 def _leftovers(out: Path) -> list[Path]:
