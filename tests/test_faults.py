@@ -54,10 +54,14 @@ def old_run(quick_runs, tmp_path) -> Path:
     return shutil.copytree(quick_runs["lora"], tmp_path / "runs" / "lora")
 
 
-def staging_names(out: Path) -> list[str]:
-    """What the temporary folders of runs into `out` hold now."""
-    folders = glob.glob(f"{glob.escape(str(out.parent))}/.{out.name}.partial-*")
-    return sorted(Path(p).name for folder in folders
+def staging_folders(out: Path) -> set[str]:
+    """The temporary folders of runs into `out` (the one being written, and those killed runs left)."""
+    return set(glob.glob(f"{glob.escape(str(out.parent))}/.{out.name}.partial-*"))
+
+
+def staging_names(out: Path, stale: set[str]) -> list[str]:
+    """What the temporary folder of the run in progress holds now (`stale`: folders of earlier runs)."""
+    return sorted(Path(p).name for folder in staging_folders(out) - stale
                   for p in glob.glob(f"{glob.escape(folder)}/*") + glob.glob(f"{glob.escape(folder)}/.*"))
 
 
@@ -91,14 +95,15 @@ def test_sigkill_at_random_moments_leaves_the_old_run_or_the_new_one(old_run, tm
         if json.loads((old_run / RUN_FILE).read_text())["seed"] != 1:  # the last re-run completed
             shutil.rmtree(old_run)
             shutil.copytree(pristine, old_run)
+        stale = staging_folders(old_run)  # left by the last kill; the run removes them once it holds the lock
         process = start(tmp_path, *new_run(old_run))
         if kill % 2 == 0:  # any moment of the whole run
             time.sleep(rng.uniform(0.0, duration))
         else:  # during the saves: once the adapter is being written, then within the next 0.6 s
-            while process.poll() is None and not any("adapter" in n for n in staging_names(old_run)):
+            while process.poll() is None and not any("adapter" in n for n in staging_names(old_run, stale)):
                 time.sleep(0.002)
             time.sleep(rng.uniform(0.0, 0.6))
-        staged, running = staging_names(old_run), process.poll() is None
+        staged, running = staging_names(old_run, stale), process.poll() is None
         process.kill()
         process.wait()
         try:
