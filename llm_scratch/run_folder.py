@@ -126,7 +126,11 @@ def writing_run(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
             if out.exists():  # an empty folder or a run that may be replaced (checked above)
                 replaced = out.parent / f".{out.name}.replaced-{staging.name.rsplit('-', 1)[1]}"
                 os.rename(out, replaced)
-                os.rename(staging, out)  # a kill between the two renames leaves no `out`: refused, not wrong
+                try:
+                    os.rename(staging, out)  # a kill between the two renames leaves no `out`: refused
+                except OSError:
+                    os.rename(replaced, out)  # the old run back in place
+                    raise
                 shutil.rmtree(replaced, ignore_errors=True)
             else:
                 os.rename(staging, out)

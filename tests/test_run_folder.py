@@ -91,6 +91,25 @@ def test_folders_that_cannot_take_a_run_are_refused_even_with_overwrite(snapshot
     assert snapshot(tmp_path) == before
 
 
+def test_a_failed_move_into_place_puts_the_old_run_back(snapshot, tmp_path, monkeypatch):
+    out = tmp_path / "lora"
+    out.mkdir()
+    (out / RUN_FILE).write_text("old")
+    renames = []
+
+    def rename(source, target):  # the second rename (new run into place) fails, as on a full disk
+        renames.append(target)
+        if len(renames) == 2:
+            raise OSError(errno.EIO, os.strerror(errno.EIO), str(target))
+        os.replace(source, target)
+
+    monkeypatch.setattr(os, "rename", rename)
+    with pytest.raises(OSError, match=os.strerror(errno.EIO)):
+        with writing_run(out, overwrite=True) as folder:
+            (folder / RUN_FILE).write_text("new")
+    assert len(renames) == 3 and snapshot(tmp_path) == {"lora/run.json": b"old"}
+
+
 def test_an_empty_folder_takes_a_run_without_overwrite(tmp_path):
     (tmp_path / "lora").mkdir()
     with writing_run(tmp_path / "lora") as folder:
