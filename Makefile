@@ -24,10 +24,14 @@ $(VENV)/.installed-test: $(BIN)/python pyproject.toml
 	$(BIN)/python -m pip install -e ".[test]"
 	touch $@
 
-# The main job: LoRA fine-tuning of GPT-2 124M on the SMS Spam Collection (`make run ARGS=--quick`: no network).
+# The main job: LoRA fine-tuning of GPT-2 124M on the SMS Spam Collection, 5 epochs (`make run ARGS=--quick`:
+# no network). --overwrite: running it again replaces the previous run in its folder, once the new run is
+# complete. Quick runs go to runs/lora-quick, so that they never replace a full run.
 ARGS ?=
+QUICK_RUN := $(or $(findstring --quick,$(ARGS)),$(filter 1 true yes on,$(LLM_SCRATCH_QUICK)))
+RUN_OUT ?= runs/lora$(if $(QUICK_RUN),-quick)
 run: $(VENV)/.installed
-	$(BIN)/python -m llm_scratch finetune --method lora --model-name gpt2-small --epochs 5 --out runs/lora $(ARGS)
+	$(BIN)/python -m llm_scratch finetune --method lora --out $(RUN_OUT) --overwrite $(ARGS)
 
 # Execute every notebook top to bottom (full mode unless LLM_SCRATCH_QUICK=1); executed copies go to runs/.
 notebooks: $(VENV)/.installed

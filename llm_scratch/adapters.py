@@ -12,10 +12,9 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file
 from torch import nn
 
-from llm_scratch.files import save_safetensors
+from llm_scratch.files import read_safetensors, save_safetensors
 from llm_scratch.lora import LinearWithLoRA, LoRAConfig, lora_layers, replace_linear_with_lora, submodule
 
 ADAPTER_FORMAT = "llm-scratch-lora"
@@ -147,8 +146,9 @@ def _expected_shapes(model: nn.Module, config: LoRAConfig, layers: list[str], sa
 def load_lora(model: nn.Module, path: str | Path, *, model_name: str | None = None) -> LoRAConfig:
     """Load an adapter written by `save_lora` into `model`, injecting the LoRA layers where needed.
 
-    Checks the file's layers, keys, shapes and metadata against the model before changing anything; pass
-    `model_name` to also check the base model's name saved with the adapter. Returns the adapter's config.
+    Checks the file's layers, keys, shapes, metadata and values (no NaN or infinity) against the model
+    before changing anything; pass `model_name` to also check the base model's name saved with the adapter.
+    Returns the adapter's config.
     """
     meta = read_lora_metadata(path)
     config, layers = meta["lora_config"], meta["layers"]
@@ -156,7 +156,7 @@ def load_lora(model: nn.Module, path: str | Path, *, model_name: str | None = No
         raise ValueError(f"{path} was trained on base model {meta['model_name']!r}, not {model_name!r}; "
                          "load it into the model it was made for")
     saved_from = f" (saved from {meta['model_name']!r})" if meta["model_name"] else ""
-    file_state = load_file(str(path))
+    file_state = read_safetensors(path)  # refuses NaN and infinity
 
     # 1. Every layer named in the file exists here, as a plain Linear or as a LoRA layer with equal settings.
     expected = _expected_shapes(model, config, layers, saved_from)

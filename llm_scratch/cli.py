@@ -8,20 +8,21 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 from pathlib import Path
 
-from llm_scratch.classifier import classify
 from llm_scratch.finetune import (
     CLASSIFIER_LORA,
     EPOCHS,
     METHODS,
     QUICK_EPOCHS,
     FinetuneSettings,
+    classify_with_run,
     compare,
     finetune,
-    load_run,
 )
+from llm_scratch.run_folder import explain_error
 
 LORA_OPTIONS = ("rank", "alpha")  # options that go into the run's LoRAConfig, not FinetuneSettings itself
 
@@ -34,10 +35,10 @@ def build_parser() -> argparse.ArgumentParser:
     tune = commands.add_parser("finetune", help="fine-tune GPT-2 as a spam classifier and save the run",
                                argument_default=argparse.SUPPRESS)
     tune.add_argument("--method", choices=METHODS, help=f"default {default.method}")
-    tune.add_argument("--model-name", help=f"gpt2-small, gpt2-medium, gpt2-large or gpt2-xl "
-                                           f"(default {default.model_name})")
+    tune.add_argument("--model-name", help="gpt2-small (the default), gpt2-medium, gpt2-large or gpt2-xl")
     tune.add_argument("--epochs", type=int, help=f"default {EPOCHS} ({QUICK_EPOCHS} in quick mode)")
-    tune.add_argument("--out", type=Path, help="run folder (default runs/METHOD)")
+    tune.add_argument("--out", type=Path, help="run folder, written when complete (default runs/METHOD)")
+    tune.add_argument("--overwrite", action="store_true", help="replace the run already in --out")
     tune.add_argument("--rank", type=int, help=f"LoRA rank (default {CLASSIFIER_LORA.rank})")
     tune.add_argument("--alpha", type=float, help=f"LoRA alpha; the update is scaled by alpha / rank "
                                                   f"(default {CLASSIFIER_LORA.alpha:g})")
@@ -46,23 +47,22 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--bucket", action="store_true",
                       help="batch messages of similar length together: less padding, faster epochs")
     tune.add_argument("--seed", type=int, help=f"default {default.seed}")
-    tune.add_argument("--device", help="cpu, cuda or mps (default: the best available)")
+    tune.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: the best available)")
     tune.add_argument("--quick", action="store_true",
                       help="tiny model, shipped data, no network (also LLM_SCRATCH_QUICK=1)")
-    tune.add_argument("--data-path", type=Path,
-                      help="a local SMSSpamCollection file or the UCI zip (no download)")
+    tune.add_argument("--data-path", type=Path, help="a SMSSpamCollection file or UCI zip (no download)")
     tune.add_argument("--weights-path", type=Path, help="a local GPT-2 model.safetensors file (no download)")
-    tune.add_argument("--random-init", action="store_true",
-                      help="start from random weights instead of pretrained GPT-2 (for tests and benchmarks)")
-    tune.add_argument("--compare", action="store_true",
-                      help="run full, last-block and lora one after the other and compare them")
-    tune.add_argument("--eval-every", type=int, help=f"steps between validation-loss checks "
-                                                     f"(default {default.eval_every})")
+    tune.add_argument("--random-init", action="store_true", help="start from random weights, not GPT-2's")
+    tune.add_argument("--compare", action="store_true", help="run full, last-block and lora; compare them")
+    tune.add_argument("--eval-every", type=int,
+                      help=f"steps between validation-loss checks (default {default.eval_every})")
     tune.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
 
-    cls = commands.add_parser("classify", help="classify texts with a saved fine-tuning run")
+    cls = commands.add_parser("classify", help="classify texts with a saved fine-tuning run",
+                              usage="%(prog)s [-h] --run RUN [--] texts [texts ...]")  # -- : see texts
     cls.add_argument("--run", type=Path, required=True, help="the folder a finetune run wrote")
-    cls.add_argument("texts", nargs="+", help="one or more messages")
+    cls.add_argument("texts", nargs="+", help="one or more messages; put -- before them if one starts "
+                                              "with '-': classify --run DIR -- '-50%% off today'")
     return parser
 
 
@@ -77,18 +77,20 @@ def main(argv: list[str] | None = None) -> int:
     options = {k: v for k, v in vars(args).items() if k not in ("command", "compare")}
     try:
         if args.command == "classify":
-            model, run = load_run(args.run)
-            for text in args.texts:
-                label, prob = classify(text, model, labels=tuple(run["labels"]), max_length=run["max_length"])
+            for text, (label, prob) in zip(args.texts, classify_with_run(args.run, args.texts), strict=True):
                 print(f"{label:>4} ({prob:.1%})  {text}")
+            sys.stdout.flush()  # here, so that a closed pipe (`| head -1`) is caught below
         elif getattr(args, "compare", False):
             given = sys.argv[1:] if argv is None else argv
             compare(settings_from(options), command=" ".join(["python -m llm_scratch", *given]))
         else:
             finetune(settings_from(options))
-    except (ValueError, FileNotFoundError, RuntimeError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    except BrokenPipeError:  # the reader went away (`| head -1`): stop quietly, as Unix tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        return 141
+    except (ValueError, RuntimeError, OSError, KeyboardInterrupt) as error:  # OSError: a full disk, ...
+        print(f"error: {explain_error(error)}", file=sys.stderr)  # one line, no traceback
+        return 130 if isinstance(error, KeyboardInterrupt) else 2
     return 0
 
 

@@ -6,6 +6,7 @@ optionally `evaluate_fn(model, loader, max_batches) -> {"loss": ..., other metri
 
 from __future__ import annotations
 
+import math
 import os
 import resource
 import sys
@@ -22,6 +23,10 @@ from tqdm.auto import tqdm
 from llm_scratch.config import pick_device
 from llm_scratch.model import eval_mode
 
+# What usually makes a loss NaN or infinite, for the error that stops training.
+NON_FINITE_CAUSES = ("Likely causes: a learning rate too large (try one 10 times smaller), NaN or infinity "
+                     "in the starting weights, half-precision (float16) weights or computation, or a LoRA "
+                     "alpha too large.")
 LossFn = Callable[[nn.Module, object], torch.Tensor]  # (model, batch) -> the batch's mean loss
 EvaluateFn = Callable[[nn.Module, DataLoader, "int | None"], dict[str, float]]
 
@@ -158,6 +163,9 @@ def train(
             for batch in bar:
                 optimizer.zero_grad(set_to_none=True)
                 loss = loss_fn(model, batch)
+                if not math.isfinite(loss.item()):  # stop at once: every later step would be garbage
+                    raise RuntimeError(f"the training loss is {loss.item()} at step {step + 1} (epoch "
+                                       f"{epoch}); training stopped. {NON_FINITE_CAUSES}")
                 loss.backward()
                 optimizer.step()
                 seen += count_fn(batch)

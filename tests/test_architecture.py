@@ -16,7 +16,7 @@ LEVELS = {
     "attention": 1,
     "model": 2, "checkpoint": 2, "plots": 2, "data": 2,
     "generate": 3, "pretrained": 3, "lora": 3, "training": 3,
-    "adapters": 4, "classifier": 4,
+    "adapters": 4, "classifier": 4, "run_folder": 4,
     "finetune": 5,
     "cli": 6,
     "__main__": 7, "__init__": 7,

@@ -75,15 +75,17 @@ def test_options_left_out_keep_the_library_defaults_and_given_ones_are_honoured(
     options = {k: v for k, v in vars(parse(["finetune"])).items() if k != "command"}
     assert settings_from(options) == FinetuneSettings()  # every default is written once, in the dataclass
 
-    given = ["finetune", "--method", "full", "--model-name", "gpt2-medium", "--epochs", "0", "--lr", "0",
+    given = ["finetune", "--method", "full", "--model-name", "gpt2-medium", "--epochs", "1", "--lr", "1e-3",
              "--rank", "4", "--alpha", "8", "--batch-size", "2", "--seed", "7", "--eval-every", "3",
              "--data-path", str(tmp_path / "sms"), "--weights-path", str(tmp_path / "w.safetensors"),
-             "--out", str(tmp_path / "run"), "--bucket", "--quick", "--random-init", "--no-progress",
+             "--out", str(tmp_path / "run"), "--overwrite", "--bucket", "--quick", "--no-progress",
              "--device", "cpu"]
     options = {k: v for k, v in vars(parse(given)).items() if k not in ("command", "compare")}
     settings = settings_from(options)
     assert settings == FinetuneSettings(
-        method="full", model_name="gpt2-medium", epochs=0, lr=0.0, batch_size=2, seed=7, eval_every=3,
+        method="full", model_name="gpt2-medium", epochs=1, lr=1e-3, batch_size=2, seed=7, eval_every=3,
         lora_config=LoRAConfig(rank=4, alpha=8.0, modules_to_save=("out_head",)),
         data_path=tmp_path / "sms", weights_path=tmp_path / "w.safetensors", out=tmp_path / "run",
-        bucket=True, quick=True, random_init=True, progress=False, device="cpu")
+        overwrite=True, bucket=True, quick=True, progress=False, device="cpu")
+    # --random-init, left out above, contradicts --weights-path (refused, see tests/test_bad_input.py)
+    assert settings_from({"random_init": True}).random_init
