@@ -14,7 +14,13 @@ import torch
 from safetensors.torch import load_file
 
 from llm_scratch.adapters import load_lora, save_lora
-from llm_scratch.classifier import add_classification_head, evaluate, train_classifier
+from llm_scratch.classifier import (
+    add_classification_head,
+    evaluate,
+    format_accuracy,
+    train_classifier,
+    wilson_interval,
+)
 from llm_scratch.config import GPTConfig, pick_device, quick_mode
 from llm_scratch.data import LABELS, load_spam_splits, spam_dataloaders
 from llm_scratch.files import save_safetensors
@@ -155,10 +161,15 @@ def finetune(settings: FinetuneSettings) -> dict:
     history = train_classifier(model, loaders.train, loaders.validation, epochs=epochs, lr=lr,
                                eval_every=settings.eval_every, seed=settings.seed, device=device,
                                progress=settings.progress)
-    accuracies = {f"{name}_accuracy": evaluate(model, loader)["accuracy"]
-                  for name, loader in zip(("train", "validation", "test"), loaders[:3], strict=True)}
+    accuracies, printed = {}, []  # each split's accuracy, its number of messages and its 95% interval
+    for name, loader in zip(("train", "validation", "test"), loaders[:3], strict=True):
+        accuracy, total = evaluate(model, loader)["accuracy"], len(loader.dataset)
+        interval = wilson_interval(round(accuracy * total), total)
+        accuracies.update({f"{name}_accuracy": accuracy, f"{name}_examples": total,
+                           f"{name}_accuracy_interval": list(interval)})
+        printed.append(f"{name} {format_accuracy(accuracy, total)}")
 
-    data = "sample data" if quick and settings.data_path is None else "SMS Spam Collection"
+    data = "SMS Spam Collection subset" if quick and settings.data_path is None else "SMS Spam Collection"
     run = {"method": method, "model_name": source["model_name"], "quick": quick, "data": data, "base": source,
            "labels": list(LABELS), "max_length": loaders.max_length,
            "lora_config": dataclasses.asdict(lora_config) if method == "lora" else None}
@@ -183,9 +194,7 @@ def finetune(settings: FinetuneSettings) -> dict:
     save_figure(plot_losses(history, f"{method} loss: {_setting(run)}"), "loss.png", out)
     save_figure(plot_accuracy(history, f"{method} accuracy: {_setting(run)}"), "accuracy.png", out)
     plt.close("all")  # the figures are in files; a long compare would otherwise keep them all open
-    train_acc, val_acc, test_acc = accuracies.values()
-    print(f"{method}: train {train_acc:.1%}, validation {val_acc:.1%}, test {test_acc:.1%} accuracy "
-          f"in {history.wall_time_s:.1f} s; "
+    print(f"{method} accuracy: {', '.join(printed)}; trained in {history.wall_time_s:.1f} s; "
           f"wrote {out}/{{{RUN_FILE}, {METRICS_FILE}, loss.png, accuracy.png, {saved.name}}}")
     return metrics
 
@@ -203,11 +212,15 @@ def compare(settings: FinetuneSettings, methods: tuple[str, ...] = METHODS,
     header = ("| method | trainable parameters | test accuracy | validation accuracy | training time | "
               "peak memory | saved file |\n|---|---:|---:|---:|---:|---:|---:|\n")
     rows = "".join(
-        f"| {m} | {r['trainable_parameters']:,} of {r['total_parameters']:,} | {r['test_accuracy']:.2%} | "
-        f"{r['validation_accuracy']:.2%} | {r['train_time_s']:.0f} s | {r['peak_memory_mb']:,.0f} MB | "
-        f"{r['saved_file_mb']:,.1f} MB |\n" for m, r in results.items())
+        f"| {m} | {r['trainable_parameters']:,} of {r['total_parameters']:,} | "
+        f"{format_accuracy(r['test_accuracy'], r['test_examples'])} | "
+        f"{format_accuracy(r['validation_accuracy'], r['validation_examples'])} | "
+        f"{r['train_time_s']:.0f} s | {r['peak_memory_mb']:,.0f} MB | {r['saved_file_mb']:,.1f} MB |\n"
+        for m, r in results.items())
     note = (f"\n{setting}; {first['epochs']} epochs, batch {first['batch_size']}, seed {first['seed']}, "
-            f"device {first['device']}; peak memory is the {first['peak_memory_kind']}.\n")
+            f"device {first['device']}; peak memory is the {first['peak_memory_kind']}. Accuracies on "
+            f"{first['test_examples']:,} test and {first['validation_examples']:,} validation messages, with "
+            "their 95% Wilson interval.\n")
     if command:
         note += f"Command: `{command}`\n"
     (out / "comparison.md").write_text(header + rows + note)
