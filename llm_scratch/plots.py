@@ -1,4 +1,4 @@
-"""The project's figures, all in one style, saved under `figures/`."""
+"""The project's figures, all in one style, saved under `config.figures_dir()` (default `runs/figures/`)."""
 
 from __future__ import annotations
 
