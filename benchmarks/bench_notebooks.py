@@ -28,10 +28,12 @@ SOLUTIONS = sorted((NOTEBOOK_DIR / "solutions").glob("*_solutions.ipynb"))  # th
 CELL_TIMEOUT_S = 600  # a limit against a cell that hangs, not a time budget
 
 
-def quick_env(workdir: Path) -> dict[str, str]:
-    """The environment variables of a quick-mode run: tiny model, no network, files under `workdir`."""
+def quick_env(workdir: Path, quick: bool = True) -> dict[str, str]:
+    """The environment variables of a quick-mode run: tiny model, no network, files under `workdir`.
+
+    `quick=False` is the same run in full mode, for the notebooks that need no download (01, 04)."""
     return {
-        "LLM_SCRATCH_QUICK": "1",
+        "LLM_SCRATCH_QUICK": "1" if quick else "",
         "LLM_SCRATCH_FIGURES": "",  # unset: figures go to their default folder, inside the runs folder
         "LLM_SCRATCH_RUNS": str(workdir / "runs"),
         "HF_HUB_OFFLINE": "1",  # quick mode must never touch the network
@@ -39,16 +41,17 @@ def quick_env(workdir: Path) -> dict[str, str]:
     }
 
 
-def run_notebook_quick(path: Path, workdir: Path) -> float:
+def run_notebook_quick(path: Path, workdir: Path, quick: bool = True) -> float:
     """Execute the notebook at `path` top to bottom in quick mode; return its seconds, kernel start included.
 
     Raises nbclient's CellExecutionError (with the cell and its traceback) on any error or cell timeout.
+    `quick=False` runs it in full mode instead (no network either: for notebooks that download nothing).
     """
     notebook = nbformat.read(path, as_version=4)
     client = NotebookClient(notebook, timeout=CELL_TIMEOUT_S, kernel_name="python3",
                             resources={"metadata": {"path": str(path.parent)}})  # the kernel starts there
     start = time.perf_counter()
-    client.execute(env={**os.environ, **quick_env(workdir)})  # the kernel's environment; ours is unchanged
+    client.execute(env={**os.environ, **quick_env(workdir, quick)})  # the kernel's environment
     return time.perf_counter() - start
 
 
