@@ -15,7 +15,14 @@ import matplotlib.pyplot as plt
 import torch
 
 from llm_scratch.adapters import load_lora, save_lora
-from llm_scratch.classifier import add_classification_head, classify, evaluate, train_classifier
+from llm_scratch.classifier import (
+    add_classification_head,
+    classify,
+    evaluate,
+    format_accuracy,
+    train_classifier,
+    wilson_interval,
+)
 from llm_scratch.config import PRESETS, GPTConfig, pick_device, quick_mode
 from llm_scratch.data import LABELS, load_spam_splits, spam_dataloaders
 from llm_scratch.files import atomic_path, require_finite, save_safetensors
@@ -173,10 +180,11 @@ def finetune(settings: FinetuneSettings) -> dict:
     out = Path(settings.out) if settings.out is not None else Path("runs") / settings.method
     with writing_run(out, settings.overwrite) as folder:  # `out` changes only if the run completes
         metrics = _train_into(folder, settings, quick, model_name, device)
-    print(f"{settings.method}: train {metrics['train_accuracy']:.1%}, validation "
-          f"{metrics['validation_accuracy']:.1%}, test {metrics['test_accuracy']:.1%} accuracy in "
-          f"{metrics['train_time_s']:.1f} s; wrote {out}/{{{RUN_FILE}, {METRICS_FILE}, loss.png, "
-          f"accuracy.png, {metrics['saved_file']}}}")
+    accuracies = ", ".join(
+        f"{name} {format_accuracy(metrics[f'{name}_accuracy'], metrics[f'{name}_examples'])}"
+        for name in ("train", "validation", "test"))
+    print(f"{settings.method} accuracy: {accuracies}; trained in {metrics['train_time_s']:.1f} s; wrote "
+          f"{out}/{{{RUN_FILE}, {METRICS_FILE}, loss.png, accuracy.png, {metrics['saved_file']}}}")
     return metrics
 
 
@@ -226,10 +234,14 @@ def _train_into(folder: Path, settings: FinetuneSettings, quick: bool, model_nam
     history = train_classifier(model, loaders.train, loaders.validation, epochs=epochs, lr=lr,
                                eval_every=settings.eval_every, seed=settings.seed, device=device,
                                progress=settings.progress)
-    accuracies = {f"{name}_accuracy": evaluate(model, loader)["accuracy"]
-                  for name, loader in zip(("train", "validation", "test"), loaders[:3], strict=True)}
+    accuracies = {}  # each split's accuracy, its number of messages and its 95% interval
+    for name, loader in zip(("train", "validation", "test"), loaders[:3], strict=True):
+        accuracy, total = evaluate(model, loader)["accuracy"], len(loader.dataset)
+        interval = wilson_interval(round(accuracy * total), total)
+        accuracies.update({f"{name}_accuracy": accuracy, f"{name}_examples": total,
+                           f"{name}_accuracy_interval": list(interval)})
 
-    data = "sample data" if quick and settings.data_path is None else "SMS Spam Collection"
+    data = "SMS Spam Collection subset" if quick and settings.data_path is None else "SMS Spam Collection"
     run = {"method": method, "model_name": source["model_name"], "quick": quick, "data": data, "base": source,
            "seed": settings.seed, "labels": list(LABELS), "max_length": loaders.max_length,
            "lora_config": dataclasses.asdict(lora_config) if method == "lora" else None}
@@ -278,11 +290,15 @@ def compare(settings: FinetuneSettings, methods: tuple[str, ...] = METHODS,
     header = ("| method | trainable parameters | test accuracy | validation accuracy | training time | "
               "peak memory | saved file |\n|---|---:|---:|---:|---:|---:|---:|\n")
     rows = "".join(
-        f"| {m} | {r['trainable_parameters']:,} of {r['total_parameters']:,} | {r['test_accuracy']:.2%} | "
-        f"{r['validation_accuracy']:.2%} | {r['train_time_s']:.0f} s | {r['peak_memory_mb']:,.0f} MB | "
-        f"{r['saved_file_mb']:,.1f} MB |\n" for m, r in results.items())
+        f"| {m} | {r['trainable_parameters']:,} of {r['total_parameters']:,} | "
+        f"{format_accuracy(r['test_accuracy'], r['test_examples'])} | "
+        f"{format_accuracy(r['validation_accuracy'], r['validation_examples'])} | "
+        f"{r['train_time_s']:.0f} s | {r['peak_memory_mb']:,.0f} MB | {r['saved_file_mb']:,.1f} MB |\n"
+        for m, r in results.items())
     note = (f"\n{setting}; {first['epochs']} epochs, batch {first['batch_size']}, seed {first['seed']}, "
-            f"device {first['device']}; peak memory is the {first['peak_memory_kind']}.\n")
+            f"device {first['device']}; peak memory is the {first['peak_memory_kind']}. Accuracies on "
+            f"{first['test_examples']:,} test and {first['validation_examples']:,} validation messages, with "
+            "their 95% Wilson interval.\n")
     if command:
         note += f"Command: `{command}`\n"
     with atomic_path(out / "comparison.md") as temporary:

@@ -9,6 +9,7 @@ import sys
 
 import pytest
 
+from llm_scratch.classifier import format_accuracy
 from llm_scratch.cli import build_parser, main, settings_from
 from llm_scratch.finetune import FinetuneSettings
 from llm_scratch.lora import LoRAConfig
@@ -31,6 +32,10 @@ def test_quick_lora_finetune_then_classify(tmp_path):
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["method"] == "lora" and metrics["quick"]
     assert metrics["train_accuracy"] >= 0.9
+    for split, size in [("train", 350), ("validation", 50), ("test", 100)]:  # the shipped subset's splits
+        low, high = metrics[f"{split}_accuracy_interval"]
+        assert metrics[f"{split}_examples"] == size and low <= metrics[f"{split}_accuracy"] <= high
+        assert f"{split} {format_accuracy(metrics[f'{split}_accuracy'], size)}" in result.stdout
     assert metrics["trainable_parameters"] < 0.05 * metrics["total_parameters"]
     assert metrics["saved_file_mb"] < 1.0 and metrics["train_time_s"] > 0
     losses = metrics["history"]["step_loss"]
@@ -51,6 +56,8 @@ def test_quick_compare_writes_a_table_and_a_chart(tmp_path, monkeypatch):
     table = (out / "comparison.md").read_text()
     for method in ("full", "last-block", "lora"):
         assert f"| {method} |" in table
+        test = json.loads((out / method / "metrics.json").read_text())
+        assert format_accuracy(test["test_accuracy"], test["test_examples"]) in table  # with its interval
         assert (out / method / "metrics.json").is_file()
     assert (out / "comparison.png").is_file()
     sizes = {m: json.loads((out / m / "metrics.json").read_text())["trainable_parameters"]

@@ -1,6 +1,7 @@
 """The data the notebooks train on: the SMS Spam Collection (`sms_spam`: parse, download into the cache,
-balance, split) and its batching (`batching`: Dataset, collate, length-bucketed sampler, DataLoaders); the
-quick-mode sample ships here as package data. Import from either module or from `llm_scratch.data`.
+balance, split) and its batching (`batching`: Dataset, collate, length-bucketed sampler, DataLoaders); quick
+mode's subset of the real collection ships here as package data. Import from either module or from
+`llm_scratch.data`.
 """
 
 from llm_scratch.data.batching import (
