@@ -42,6 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--alpha", type=float, help=f"LoRA alpha; the update is scaled by alpha / rank "
                                                   f"(default {CLASSIFIER_LORA.alpha:g})")
     tune.add_argument("--lr", type=float, help="learning rate (default: per method, see finetune.py)")
+    tune.add_argument("--loraplus-ratio", dest="loraplus_lr_ratio", type=float,
+                      help="LoRA+: B's learning rate over A's, e.g. 16 (lora, dora; default: plain LoRA)")
     tune.add_argument("--batch-size", type=int, help=f"default {default.batch_size}")
     tune.add_argument("--bucket", action="store_true",
                       help="batch messages of similar length together: less padding, faster epochs")

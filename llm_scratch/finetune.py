@@ -19,24 +19,27 @@ from llm_scratch.config import GPTConfig, pick_device, quick_mode
 from llm_scratch.data import LABELS, load_spam_splits, spam_dataloaders
 from llm_scratch.files import save_safetensors
 from llm_scratch.lora import LoRAConfig, mark_only_lora_trainable, parameter_summary, replace_linear_with_lora
+from llm_scratch.loraplus import loraplus_param_groups
 from llm_scratch.model import GPTModel
 from llm_scratch.plots import plot_accuracy, plot_comparison, plot_losses, save_figure
 from llm_scratch.pretrained import load_gpt2, save_gpt2_safetensors
 
-METHODS = ("full", "last-block", "lora")
+METHODS = ("full", "last-block", "lora", "dora")
+LORA_METHODS = ("lora", "dora")  # the methods that train an adapter (DoRA: LoRA + magnitudes)
+COMPARED_METHODS = ("full", "last-block", "lora")  # what `compare` runs unless told otherwise
 # AdamW learning rates. Full and last-block fine-tuning move pretrained weights, so they take the small step
 # usual for fine-tuning a pretrained transformer (5e-5). LoRA trains only new matrices (and the new head),
 # starting from B = 0; with alpha = rank the update of W is A @ B itself, and a 10x larger step lets it grow
-# in a few epochs, as is common for LoRA. Quick mode trains a tiny model with random weights from scratch,
-# which needs larger steps still, and more epochs (they take milliseconds).
-LEARNING_RATES = {"full": 5e-5, "last-block": 5e-5, "lora": 5e-4}
-QUICK_LEARNING_RATES = {"full": 2e-3, "last-block": 2e-3, "lora": 5e-3}
+# in a few epochs, as is common for LoRA; DoRA, LoRA with magnitudes, takes the same. Quick mode trains a tiny
+# model with random weights from scratch, which needs larger steps still, and more epochs (milliseconds).
+LEARNING_RATES = {"full": 5e-5, "last-block": 5e-5, "lora": 5e-4, "dora": 5e-4}
+QUICK_LEARNING_RATES = {"full": 2e-3, "last-block": 2e-3, "lora": 5e-3, "dora": 5e-3}
 EPOCHS, QUICK_EPOCHS = 5, 8
 QUICK_MODEL_NAME = "tiny"  # quick mode's base model: the tiny preset, random weights, no download
 # LoRA for classification: beside every Linear of the blocks, and the new head trains in full.
 CLASSIFIER_LORA = LoRAConfig(rank=16, alpha=16.0, modules_to_save=("out_head",))
 
-ADAPTER_FILE = "adapter.safetensors"  # a LoRA run's trained tensors (A, B and the head)
+ADAPTER_FILE = "adapter.safetensors"  # a LoRA or DoRA run's trained tensors (A, B, DoRA's m and the head)
 WEIGHTS_FILE = "weights.safetensors"  # a full or last-block run's trained tensors
 RUN_FILE = "run.json"  # how to rebuild the classifier
 METRICS_FILE = "metrics.json"  # what the run measured
@@ -46,12 +49,13 @@ METRICS_FILE = "metrics.json"  # what the run measured
 class FinetuneSettings:
     """Everything one fine-tuning run depends on; the CLI's options map one to one onto these fields."""
 
-    method: str = "lora"  # "full", "last-block" or "lora"
+    method: str = "lora"  # "full", "last-block", "lora" or "dora"
     model_name: str = "gpt2-small"  # the GPT-2 size (quick mode always uses "tiny")
     epochs: int | None = None  # None: EPOCHS, or QUICK_EPOCHS in quick mode
     out: Path | None = None  # the run folder; None: runs/METHOD
-    lora_config: LoRAConfig = CLASSIFIER_LORA  # rank, alpha, ... (method "lora" only)
+    lora_config: LoRAConfig = CLASSIFIER_LORA  # rank, alpha, ... (methods "lora" and "dora")
     lr: float | None = None  # None: the method's LEARNING_RATES (or QUICK_LEARNING_RATES)
+    loraplus_lr_ratio: float | None = None  # LoRA+: B learns at lr x this (lora, dora); None: plain LoRA
     batch_size: int = 8
     bucket: bool = False  # batches of similar-length messages (less padding, faster epochs)
     seed: int = 123
@@ -68,14 +72,16 @@ def prepare_for_method(
     model: GPTModel, method: str, lora_config: LoRAConfig = CLASSIFIER_LORA, seed: int = 123
 ) -> list[str]:
     """Decide which parameters train: every one (full), the last block + final norm + head (last-block),
-    or new LoRA matrices where `lora_config` says + its modules_to_save (lora). Returns the names trained.
+    or new LoRA matrices where `lora_config` says + its modules_to_save (lora; dora: + DoRA's magnitudes).
+    Returns the names trained.
 
     `seed` fixes the random start of LoRA's A matrices: the same seed, the same adapter at step 0.
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
-    if method == "lora":
+    if method in LORA_METHODS:
         torch.manual_seed(seed)
+        lora_config = method_lora_config(method, lora_config)
         replace_linear_with_lora(model, lora_config)
         mark_only_lora_trainable(model, lora_config)
     else:
@@ -83,6 +89,13 @@ def prepare_for_method(
         for name, param in model.named_parameters():
             param.requires_grad = method == "full" or name.startswith(trained_parts)
     return [name for name, param in model.named_parameters() if param.requires_grad]
+
+
+def method_lora_config(method: str, lora_config: LoRAConfig) -> LoRAConfig:
+    """The LoRAConfig a LoRA method trains with: `lora_config` with use_dora set for method "dora"."""
+    if method == "lora" and lora_config.use_dora:
+        raise ValueError("the LoRAConfig says use_dora=True but the method is 'lora': choose method 'dora'")
+    return dataclasses.replace(lora_config, use_dora=method == "dora")
 
 
 def write_quick_base_model(path: Path, seed: int) -> Path:
@@ -127,10 +140,15 @@ def finetune(settings: FinetuneSettings) -> dict:
 
     Returns the metrics (also written to metrics.json), e.g. `finetune(FinetuneSettings(quick=True))`.
     """
-    method, lora_config = settings.method, settings.lora_config
-    if method == "lora" and "out_head" not in lora_config.modules_to_save:
+    method, lora_config, loraplus = settings.method, settings.lora_config, settings.loraplus_lr_ratio
+    if method in LORA_METHODS and "out_head" not in lora_config.modules_to_save:
         raise ValueError("the classifier's new head must train with LoRA: add 'out_head' to the LoRAConfig's "
                          "modules_to_save (the default CLASSIFIER_LORA has it)")
+    if loraplus is not None and method not in LORA_METHODS:
+        raise ValueError(f"LoRA+ (loraplus_lr_ratio={loraplus}) sets the learning rate of LoRA's B matrices; "
+                         f"use it with method lora or dora, not {method!r}")
+    if method in LORA_METHODS:
+        lora_config = method_lora_config(method, lora_config)  # use_dora for "dora"
     quick = settings.quick or quick_mode()
     out = Path(settings.out) if settings.out is not None else Path("runs") / method
     out.mkdir(parents=True, exist_ok=True)
@@ -146,6 +164,7 @@ def finetune(settings: FinetuneSettings) -> dict:
     model = load_base(source, out, device)
     add_classification_head(model, num_classes=len(LABELS), seed=settings.seed)
     prepare_for_method(model, method, lora_config, seed=settings.seed)
+    groups = None if loraplus is None else loraplus_param_groups(model, lr, loraplus)  # checks the ratio
     summary = parameter_summary(model, verbose=False)
     print(f"{method}: {summary}  |  device {device}  |  {source['note']}")
     loaders = spam_dataloaders(splits, batch_size=settings.batch_size,
@@ -154,15 +173,16 @@ def finetune(settings: FinetuneSettings) -> dict:
 
     history = train_classifier(model, loaders.train, loaders.validation, epochs=epochs, lr=lr,
                                eval_every=settings.eval_every, seed=settings.seed, device=device,
-                               progress=settings.progress)
+                               progress=settings.progress, param_groups=groups)
     accuracies = {f"{name}_accuracy": evaluate(model, loader)["accuracy"]
                   for name, loader in zip(("train", "validation", "test"), loaders[:3], strict=True)}
 
     data = "sample data" if quick and settings.data_path is None else "SMS Spam Collection"
     run = {"method": method, "model_name": source["model_name"], "quick": quick, "data": data, "base": source,
            "labels": list(LABELS), "max_length": loaders.max_length,
-           "lora_config": dataclasses.asdict(lora_config) if method == "lora" else None}
-    if method == "lora":
+           "lora_config": dataclasses.asdict(lora_config) if method in LORA_METHODS else None,
+           "loraplus_lr_ratio": loraplus}
+    if method in LORA_METHODS:
         saved = save_lora(model, out / ADAPTER_FILE, lora_config, model_name=source["model_name"])
     else:  # the tensors that training changed: all of them (full) or the last block, final norm and head
         trained = {name: p.detach().cpu().contiguous()
@@ -190,14 +210,18 @@ def finetune(settings: FinetuneSettings) -> dict:
     return metrics
 
 
-def compare(settings: FinetuneSettings, methods: tuple[str, ...] = METHODS,
+def compare(settings: FinetuneSettings, methods: tuple[str, ...] = COMPARED_METHODS,
             command: str = "") -> dict[str, dict]:
-    """Run several methods with the same data and seed; write comparison.md and comparison.png.
+    """Run several methods (any of METHODS) with the same data and seed; write comparison.md and .png.
 
-    `command`, if given, is the shell command that made the comparison, quoted under the table.
+    `settings.loraplus_lr_ratio` applies to the LoRA methods (lora, dora). `command`, if given, is the shell
+    command that made the comparison, quoted under the table.
     """
     out = Path(settings.out) if settings.out is not None else Path("runs") / "compare"
-    results = {m: finetune(dataclasses.replace(settings, method=m, out=out / m)) for m in methods}
+    ratio = settings.loraplus_lr_ratio
+    results = {m: finetune(dataclasses.replace(settings, method=m, out=out / m,
+                                               loraplus_lr_ratio=ratio if m in LORA_METHODS else None))
+               for m in methods}
     first = next(iter(results.values()))
     setting = _setting(first)
     header = ("| method | trainable parameters | test accuracy | validation accuracy | training time | "
@@ -208,6 +232,8 @@ def compare(settings: FinetuneSettings, methods: tuple[str, ...] = METHODS,
         f"{r['saved_file_mb']:,.1f} MB |\n" for m, r in results.items())
     note = (f"\n{setting}; {first['epochs']} epochs, batch {first['batch_size']}, seed {first['seed']}, "
             f"device {first['device']}; peak memory is the {first['peak_memory_kind']}.\n")
+    if ratio is not None:
+        note += f"LoRA+ on the LoRA methods: B's learning rate is {ratio:g} times A's.\n"
     if command:
         note += f"Command: `{command}`\n"
     (out / "comparison.md").write_text(header + rows + note)
@@ -226,7 +252,7 @@ def load_run(run_dir: Path, device: str | None = None) -> tuple[GPTModel, dict]:
     run = json.loads((run_dir / RUN_FILE).read_text())
     model = load_base(run["base"], run_dir, pick_device(device))
     add_classification_head(model, num_classes=len(run["labels"]))
-    if run["method"] == "lora":
+    if run["method"] in LORA_METHODS:
         load_lora(model, run_dir / ADAPTER_FILE, model_name=run["model_name"])
     else:
         trained = load_file(str(run_dir / WEIGHTS_FILE), device=str(model.tok_emb.weight.device))
