@@ -440,8 +440,8 @@ def hf_and_ours(tmp_path: Path, **hf_config):
     from llm_scratch.pretrained import load_gpt2
 
     torch.manual_seed(0)
-    config = transformers.GPT2Config(n_layer=2, n_head=4, n_embd=64, n_positions=128, vocab_size=50257,
-                                     **hf_config)
+    shape = {"n_layer": 2, "n_head": 4, "n_embd": 64, "n_positions": 128, "vocab_size": 50257}
+    config = transformers.GPT2Config(**{**shape, **hf_config})
     hf = transformers.GPT2LMHeadModel(config).float().eval()
     hf.save_pretrained(tmp_path, safe_serialization=True)
     return hf, load_gpt2(weights_path=tmp_path / "model.safetensors").float().eval()
