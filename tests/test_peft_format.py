@@ -113,8 +113,9 @@ def test_a_peft_trained_adapter_loads_here_with_the_same_logits(task, use_dora, 
     if classifier:
         hf = hf_classifier(tmp_path / "base")
         ours.out_head = nn.Linear(64, N_CLASSES, bias=False)
-    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_proj", "c_fc"], use_dora=use_dora,
-                             fan_in_fan_out=True, modules_to_save=["score"] if classifier else None)
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_proj", "c_fc"],
+                             use_dora=use_dora, fan_in_fan_out=True,
+                             modules_to_save=["score"] if classifier else None)
     peft_model = peft.get_peft_model(hf, config)
     train_a_few_steps(peft_model, classifier)
     peft_model.save_pretrained(tmp_path / "adapter")
@@ -135,7 +136,8 @@ def test_the_config_gives_c_attn_rank_3r_and_the_same_scaling(tmp_path: Path):
     _, ours = hf_and_ours(tmp_path / "base")
     config = LoRAConfig(rank=4, alpha=8, use_rslora=True, target_modules=("attention",))
     replace_linear_with_lora(ours, config)
-    written = json.loads((save_peft_adapter(ours, tmp_path / "a", config) / "adapter_config.json").read_text())
+    folder = save_peft_adapter(ours, tmp_path / "a", config)
+    written = json.loads((folder / "adapter_config.json").read_text())
     assert written["target_modules"] == ["attn.c_attn", "attn.c_proj"] and written["r"] == 4
     assert written["rank_pattern"] == {"c_attn": 12}
     # rsLoRA: alpha / sqrt(rank) stays 8 / 2 = 4 at rank 12 with alpha 8 sqrt(3)
