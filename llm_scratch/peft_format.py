@@ -178,7 +178,8 @@ def load_peft_adapter(model: GPTModel, folder: str | Path) -> LoRAConfig:
     lora_alpha = peft_config.get("lora_alpha", 8)
     state = {f"{HEAD}.{key}": tensor for key, tensor in head.items()}  # our names -> tensors
     settings: dict[str, tuple[int, float]] = {}  # our layer -> its (rank, scaling)
-    for hf_module, (lora_a, lora_b, magnitude) in modules.items():
+    for hf_module in [m for m in ours_of if m in modules]:  # in the model's order
+        lora_a, lora_b, magnitude = modules[hf_module]
         if use_dora and magnitude is None:
             raise ValueError(f"{folder}: use_dora is set but {hf_module} has no lora_magnitude_vector")
         alpha = _pattern_value(peft_config.get("alpha_pattern") or {}, hf_module, lora_alpha)
