@@ -5,21 +5,23 @@
 
 The same 2-class classifier as bench_finetune.py (random weights, batch 8 x 120 tokens, rank 16 on every
 Linear of the blocks, the head trained), built by its `build`. The four models step in turn (A, B, C, D,
-A, ...) so that a busy moment of a shared machine slows them alike; times are medians after a warm-up. The
-LoRA+ model is our LoRA model with B's learning rate 16 times A's: the same work per step. Peak memory is
-measured in a fresh process per model, as in bench_finetune.py.
+A, ...) so that a busy moment of a shared machine slows them alike; times are medians after a warm-up, and
+each ratio is the median of its per-round ratios (the two steps of a round ran seconds apart, under the same
+load). The LoRA+ model is our LoRA model with B's learning rate 16 times A's: the same work per step. Peak
+memory is measured in a fresh process per model, as in bench_finetune.py.
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 
 from bench_finetune import (  # benchmarks/ is on the path when run as a script
+    alternating_times,
     build,
     peak_memory_mb,
     random_batch,
-    time_alternately,
     train_step,
 )
 from bench_generate import machine_description
@@ -28,6 +30,11 @@ from llm_scratch.config import GPTConfig
 from llm_scratch.loraplus import loraplus_param_groups
 
 MODELS = ("ours dora", "hf+peft dora", "ours lora", "ours lora+")
+RATIOS = {  # the step-time ratios reported
+    "ours DoRA / HF + PEFT DoRA": ("ours dora", "hf+peft dora"),
+    "ours LoRA+ / ours LoRA": ("ours lora+", "ours lora"),
+    "ours DoRA / ours LoRA": ("ours dora", "ours lora"),
+}
 LORAPLUS_RATIO = 16.0
 LR = 1e-5  # bench_finetune's train_step rate; LoRA+ gives B 16 times this
 
@@ -56,12 +63,15 @@ def main(argv: list[str] | None = None) -> dict:
              for name, model in models.items()}
     trainable = {name: sum(p.numel() for p in model.parameters() if p.requires_grad)
                  for name, model in models.items()}
-    step_s = time_alternately({name: (lambda step=step: step(batch)) for name, step in steps.items()},
+    times = alternating_times({name: (lambda step=step: step(batch)) for name, step in steps.items()},
                               args.warmup, args.repeats)
     del models, steps
+    step_s = {name: statistics.median(t) for name, t in times.items()}
+    ratios = {row: statistics.median(a / b for a, b in zip(times[top], times[bottom], strict=True))
+              for row, (top, bottom) in RATIOS.items()}
     memory = {name: peak_memory_mb(name, args) for name in MODELS[:2]}
-    results = {"step_s": step_s, "peak_mb": memory, "trainable": trainable,
-               "loraplus_lrs": sorted({group["lr"] for group in groups})}
+    results = {"step_s": step_s, "step_times": times, "ratios": ratios, "peak_mb": memory,
+               "trainable": trainable, "loraplus_lrs": sorted({group["lr"] for group in groups})}
     print(report(results, args, command))
     return results
 
@@ -84,10 +94,9 @@ def report(r: dict, args: argparse.Namespace, command: str) -> str:
         "",
         "| ratio | value |",
         "|---|---:|",
-        f"| ours DoRA / HF + PEFT DoRA (step time) | {s['ours dora'] / s['hf+peft dora']:.2f} |",
+        *(f"| {row} (step time, median of per-round ratios) | {value:.2f} |"
+          for row, value in r["ratios"].items()),
         f"| ours DoRA / HF + PEFT DoRA (peak memory) | {m['ours dora'] / m['hf+peft dora']:.2f} |",
-        f"| ours LoRA+ / ours LoRA (step time) | {s['ours lora+'] / s['ours lora']:.2f} |",
-        f"| ours DoRA / ours LoRA (step time) | {s['ours dora'] / s['ours lora']:.2f} |",
     ])
 
 

@@ -89,8 +89,9 @@ def random_batch(batch_size: int, n_tokens: int, vocab_size: int) -> SpamBatch:
     return SpamBatch(ids, torch.full((batch_size,), n_tokens), torch.randint(0, 2, (batch_size,)))
 
 
-def time_alternately(steps: dict[str, Callable[[], object]], warmup: int, repeats: int) -> dict[str, float]:
-    """Median seconds of each callable, run in turn A, B, A, B, ... after `warmup` rounds."""
+def alternating_times(steps: dict[str, Callable[[], object]], warmup: int,
+                      repeats: int) -> dict[str, list[float]]:
+    """Seconds of each callable in each of `repeats` rounds, run in turn A, B, A, B, ... after `warmup`."""
     times: dict[str, list[float]] = {name: [] for name in steps}
     for round_ in range(warmup + repeats):
         for name, step in steps.items():
@@ -98,7 +99,12 @@ def time_alternately(steps: dict[str, Callable[[], object]], warmup: int, repeat
             step()
             if round_ >= warmup:
                 times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
+    return times
+
+
+def time_alternately(steps: dict[str, Callable[[], object]], warmup: int, repeats: int) -> dict[str, float]:
+    """Median seconds of each callable, run in turn A, B, A, B, ... after `warmup` rounds."""
+    return {name: statistics.median(t) for name, t in alternating_times(steps, warmup, repeats).items()}
 
 
 def matmul_gflops(n: int, repeats: int) -> float:
