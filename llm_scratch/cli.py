@@ -43,6 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--alpha", type=float, help=f"LoRA alpha; the update is scaled by alpha / rank "
                                                   f"(default {CLASSIFIER_LORA.alpha:g})")
     tune.add_argument("--lr", type=float, help="learning rate (default: per method, see finetune.py)")
+    tune.add_argument("--loraplus-ratio", dest="loraplus_lr_ratio", type=float,
+                      help="LoRA+: B's learning rate over A's, e.g. 16 (lora, dora; default: plain LoRA)")
     tune.add_argument("--batch-size", type=int, help=f"default {default.batch_size}")
     tune.add_argument("--bucket", action="store_true",
                       help="batch messages of similar length together: less padding, faster epochs")
@@ -54,8 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--weights-path", type=Path, help="a local GPT-2 model.safetensors file (no download)")
     tune.add_argument("--random-init", action="store_true", help="start from random weights, not GPT-2's")
     tune.add_argument("--compare", action="store_true", help="run full, last-block and lora; compare them")
-    tune.add_argument("--eval-every", type=int,
-                      help=f"steps between validation-loss checks (default {default.eval_every})")
+    tune.add_argument("--eval-every", type=int, help=f"steps between loss checks ({default.eval_every})")
     tune.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
 
     cls = commands.add_parser("classify", help="classify texts with a saved fine-tuning run",

@@ -26,7 +26,18 @@ from llm_scratch.classifier import (
 from llm_scratch.config import PRESETS, GPTConfig, pick_device, quick_mode
 from llm_scratch.data import LABELS, load_spam_splits, spam_dataloaders
 from llm_scratch.files import atomic_path, require_finite, save_safetensors
-from llm_scratch.lora import LoRAConfig, mark_only_lora_trainable, parameter_summary, replace_linear_with_lora
+from llm_scratch.lora import LoRAConfig, parameter_summary
+from llm_scratch.loraplus import loraplus_param_groups
+from llm_scratch.methods import (
+    CLASSIFIER_LORA,
+    COMPARED_METHODS,
+    LEARNING_RATES,
+    LORA_METHODS,
+    METHODS,
+    QUICK_LEARNING_RATES,
+    method_lora_config,
+    prepare_for_method,
+)
 from llm_scratch.model import GPTModel
 from llm_scratch.plots import plot_accuracy, plot_comparison, plot_losses, save_figure
 from llm_scratch.pretrained import download_gpt2, save_gpt2_safetensors
@@ -45,19 +56,9 @@ from llm_scratch.run_folder import (
 )
 from llm_scratch.training import NON_FINITE_CAUSES
 
-METHODS = ("full", "last-block", "lora")
-# AdamW learning rates. Full and last-block fine-tuning move pretrained weights, so they take the small step
-# usual for fine-tuning a pretrained transformer (5e-5). LoRA trains only new matrices (and the new head),
-# starting from B = 0; with alpha = rank the update of W is A @ B itself, and a 10x larger step lets it grow
-# in a few epochs, as is common for LoRA. Quick mode trains a tiny model with random weights from scratch,
-# which needs larger steps still, and more epochs (they take milliseconds).
-LEARNING_RATES = {"full": 5e-5, "last-block": 5e-5, "lora": 5e-4}
-QUICK_LEARNING_RATES = {"full": 2e-3, "last-block": 2e-3, "lora": 5e-3}
 EPOCHS, QUICK_EPOCHS = 5, 8
 DEFAULT_MODEL_NAME = "gpt2-small"
 QUICK_MODEL_NAME = "tiny"  # quick mode's base model: the tiny preset, random weights, no download
-# LoRA for classification: beside every Linear of the blocks, and the new head trains in full.
-CLASSIFIER_LORA = LoRAConfig(rank=16, alpha=16.0, modules_to_save=("out_head",))
 MAX_SEED = 2**64 - 1  # the largest seed torch.manual_seed takes
 DEVICE_NAME = re.compile(r"cpu|mps|cuda(:\d+)?")
 
@@ -66,13 +67,14 @@ DEVICE_NAME = re.compile(r"cpu|mps|cuda(:\d+)?")
 class FinetuneSettings:
     """Everything one fine-tuning run depends on; the CLI's options map one to one onto these fields."""
 
-    method: str = "lora"  # "full", "last-block" or "lora"
+    method: str = "lora"  # "full", "last-block", "lora" or "dora"
     model_name: str | None = None  # the GPT-2 size; None: DEFAULT_MODEL_NAME, or "tiny" in quick mode
     epochs: int | None = None  # None: EPOCHS, or QUICK_EPOCHS in quick mode
     out: Path | None = None  # the run folder; None: runs/METHOD
     overwrite: bool = False  # replace an existing run in `out` (once the new run is complete)
-    lora_config: LoRAConfig = CLASSIFIER_LORA  # rank, alpha, ... (method "lora" only)
+    lora_config: LoRAConfig = CLASSIFIER_LORA  # rank, alpha, ... (methods "lora" and "dora")
     lr: float | None = None  # None: the method's LEARNING_RATES (or QUICK_LEARNING_RATES)
+    loraplus_lr_ratio: float | None = None  # LoRA+: B learns at lr x this (lora, dora); None: plain LoRA
     batch_size: int = 8
     bucket: bool = False  # batches of similar-length messages (less padding, faster epochs)
     seed: int = 123
@@ -113,27 +115,6 @@ class FinetuneSettings:
                              "from a file, or random ones? Drop one of them")
 
 
-def prepare_for_method(
-    model: GPTModel, method: str, lora_config: LoRAConfig = CLASSIFIER_LORA, seed: int = 123
-) -> list[str]:
-    """Decide which parameters train: every one (full), the last block + final norm + head (last-block),
-    or new LoRA matrices where `lora_config` says + its modules_to_save (lora). Returns the names trained.
-
-    `seed` fixes the random start of LoRA's A matrices: the same seed, the same adapter at step 0.
-    """
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
-    if method == "lora":
-        torch.manual_seed(seed)
-        replace_linear_with_lora(model, lora_config)
-        mark_only_lora_trainable(model, lora_config)
-    else:
-        trained_parts = (f"blocks.{len(model.blocks) - 1}.", "final_norm.", "out_head.")
-        for name, param in model.named_parameters():
-            param.requires_grad = method == "full" or name.startswith(trained_parts)
-    return [name for name, param in model.named_parameters() if param.requires_grad]
-
-
 def write_quick_base_model(path: Path, seed: int) -> Path:
     """Quick mode's "pretrained" model: the tiny preset with random weights, in GPT-2's file layout, so it
     is read back through the same loader as the real weights."""
@@ -171,9 +152,13 @@ def finetune(settings: FinetuneSettings) -> dict:
 
     Returns the metrics (also written to metrics.json), e.g. `finetune(FinetuneSettings(quick=True))`.
     """
-    if settings.method == "lora" and "out_head" not in settings.lora_config.modules_to_save:
+    method, loraplus = settings.method, settings.loraplus_lr_ratio
+    if method in LORA_METHODS and "out_head" not in settings.lora_config.modules_to_save:
         raise ValueError("the classifier's new head must train with LoRA: add 'out_head' to the LoRAConfig's "
                          "modules_to_save (the default CLASSIFIER_LORA has it)")
+    if loraplus is not None and method not in LORA_METHODS:
+        raise ValueError(f"LoRA+ (loraplus_lr_ratio={loraplus}) sets the learning rate of LoRA's B matrices; "
+                         f"use it with method lora or dora, not {method!r}")
     quick = settings.quick or quick_mode()
     model_name = _model_name(settings, quick)
     device = _device(settings.device)
@@ -213,7 +198,8 @@ def _device(name: str | None) -> torch.device:
 def _train_into(folder: Path, settings: FinetuneSettings, quick: bool, model_name: str,
                 device: torch.device) -> dict:
     """The run itself: train, then write every file of the run into `folder` (a new, empty folder)."""
-    method, lora_config = settings.method, settings.lora_config
+    method, loraplus = settings.method, settings.loraplus_lr_ratio
+    lora_config = method_lora_config(method, settings.lora_config) if method in LORA_METHODS else None
     epochs = settings.epochs if settings.epochs is not None else (QUICK_EPOCHS if quick else EPOCHS)
     if settings.lr is not None:
         lr = settings.lr
@@ -224,7 +210,8 @@ def _train_into(folder: Path, settings: FinetuneSettings, quick: bool, model_nam
     source = _base_source(settings, quick, model_name, folder)
     model = load_base(source, folder, device)
     add_classification_head(model, num_classes=len(LABELS), seed=settings.seed)
-    prepare_for_method(model, method, lora_config, seed=settings.seed)
+    prepare_for_method(model, method, settings.lora_config, seed=settings.seed)
+    groups = None if loraplus is None else loraplus_param_groups(model, lr, loraplus)  # checks the ratio
     summary = parameter_summary(model, verbose=False)
     print(f"{method}: {summary}  |  device {device}  |  {source['note']}")
     loaders = spam_dataloaders(splits, batch_size=settings.batch_size,
@@ -233,7 +220,7 @@ def _train_into(folder: Path, settings: FinetuneSettings, quick: bool, model_nam
 
     history = train_classifier(model, loaders.train, loaders.validation, epochs=epochs, lr=lr,
                                eval_every=settings.eval_every, seed=settings.seed, device=device,
-                               progress=settings.progress)
+                               progress=settings.progress, param_groups=groups)
     accuracies = {}  # each split's accuracy, its number of messages and its 95% interval
     for name, loader in zip(("train", "validation", "test"), loaders[:3], strict=True):
         accuracy, total = evaluate(model, loader)["accuracy"], len(loader.dataset)
@@ -244,7 +231,8 @@ def _train_into(folder: Path, settings: FinetuneSettings, quick: bool, model_nam
     data = "SMS Spam Collection subset" if quick and settings.data_path is None else "SMS Spam Collection"
     run = {"method": method, "model_name": source["model_name"], "quick": quick, "data": data, "base": source,
            "seed": settings.seed, "labels": list(LABELS), "max_length": loaders.max_length,
-           "lora_config": dataclasses.asdict(lora_config) if method == "lora" else None}
+           "lora_config": dataclasses.asdict(lora_config) if lora_config else None,
+           "loraplus_lr_ratio": loraplus}
     saved = _save_trained(model, method, lora_config, model_name, folder)
     run["trained"] = fingerprint(saved)
     (folder / RUN_FILE).write_text(json.dumps(run, indent=2) + "\n")
@@ -264,27 +252,31 @@ def _train_into(folder: Path, settings: FinetuneSettings, quick: bool, model_nam
     return metrics
 
 
-def _save_trained(model: GPTModel, method: str, lora_config: LoRAConfig, model_name: str,
+def _save_trained(model: GPTModel, method: str, lora_config: LoRAConfig | None, model_name: str,
                   folder: Path) -> Path:
-    """Write the tensors training changed into `folder`: the adapter (lora), else every trained tensor (full)
+    """Write the tensors training changed into `folder`: the adapter (lora, dora), else every one (full)
     or the last block, final norm and head (last-block). A NaN or an infinity in them is refused."""
     trained = {name: p.detach().cpu().contiguous() for name, p in model.named_parameters() if p.requires_grad}
     for name, tensor in trained.items():
         require_finite(tensor, name, "the trained model", advice=f"nothing was saved. {NON_FINITE_CAUSES}")
-    if method == "lora":
+    if method in LORA_METHODS:
         return save_lora(model, folder / ADAPTER_FILE, lora_config, model_name=model_name)
     return save_safetensors(trained, folder / WEIGHTS_FILE,
                             metadata={"method": method, "model_name": model_name})
 
 
-def compare(settings: FinetuneSettings, methods: tuple[str, ...] = METHODS,
+def compare(settings: FinetuneSettings, methods: tuple[str, ...] = COMPARED_METHODS,
             command: str = "") -> dict[str, dict]:
-    """Run several methods with the same data and seed; write comparison.md and comparison.png.
+    """Run several methods (any of METHODS) with the same data and seed; write comparison.md and .png.
 
-    `command`, if given, is the shell command that made the comparison, quoted under the table.
+    `settings.loraplus_lr_ratio` applies to the LoRA methods (lora, dora). `command`, if given, is the shell
+    command that made the comparison, quoted under the table.
     """
     out = Path(settings.out) if settings.out is not None else Path("runs") / "compare"
-    results = {m: finetune(dataclasses.replace(settings, method=m, out=out / m)) for m in methods}
+    ratio = settings.loraplus_lr_ratio
+    results = {m: finetune(dataclasses.replace(settings, method=m, out=out / m,
+                                               loraplus_lr_ratio=ratio if m in LORA_METHODS else None))
+               for m in methods}
     first = next(iter(results.values()))
     setting = _setting(first)
     header = ("| method | trainable parameters | test accuracy | validation accuracy | training time | "
@@ -299,6 +291,8 @@ def compare(settings: FinetuneSettings, methods: tuple[str, ...] = METHODS,
             f"device {first['device']}; peak memory is the {first['peak_memory_kind']}. Accuracies on "
             f"{first['test_examples']:,} test and {first['validation_examples']:,} validation messages, with "
             "their 95% Wilson interval.\n")
+    if ratio is not None:
+        note += f"LoRA+ on the LoRA methods: B's learning rate is {ratio:g} times A's.\n"
     if command:
         note += f"Command: `{command}`\n"
     with atomic_path(out / "comparison.md") as temporary:
@@ -318,9 +312,9 @@ def load_run(run_dir: Path, device: str | None = None) -> tuple[GPTModel, dict]:
     run = read_run(run_dir, METHODS)
     model = load_base(run["base"], run_dir, pick_device(device))
     add_classification_head(model, num_classes=len(run["labels"]))
-    trained_path = run_dir / (ADAPTER_FILE if run["method"] == "lora" else WEIGHTS_FILE)
+    trained_path = run_dir / (ADAPTER_FILE if run["method"] in LORA_METHODS else WEIGHTS_FILE)
     check_fingerprint(trained_path, run["trained"], "the trained tensors")
-    if run["method"] == "lora":
+    if run["method"] in LORA_METHODS:
         load_lora(model, trained_path, model_name=run["model_name"])
     else:  # exactly the tensors the method trains: all of them, or the last block, final norm and head
         load_trained_weights(model, trained_path, prepare_for_method(model, run["method"]))
