@@ -18,13 +18,14 @@ import statistics
 import sys
 
 from bench_finetune import (  # benchmarks/ is on the path when run as a script
+    add_step_options,
     alternating_times,
     build,
     peak_memory_mb,
     random_batch,
+    step_table,
     train_step,
 )
-from bench_generate import machine_description
 
 from llm_scratch.config import GPTConfig
 from llm_scratch.loraplus import loraplus_param_groups
@@ -42,14 +43,7 @@ LR = 1e-5  # bench_finetune's train_step rate; LoRA+ gives B 16 times this
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", default="gpt2-small")
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--tokens", type=int, default=120, help="tokens per message")
-    parser.add_argument("--rank", type=int, default=16)
-    parser.add_argument("--alpha", type=float, default=16.0)
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=9)
-    parser.add_argument("--smoke", action="store_true", help="tiny shape, a few steps (CI)")
+    add_step_options(parser, repeats=15)
     args = parser.parse_args(argv)
     if args.smoke:
         args.preset, args.tokens, args.warmup, args.repeats = "tiny", 16, 1, 2
@@ -77,23 +71,11 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def report(r: dict, args: argparse.Namespace, command: str) -> str:
-    s, m = r["step_s"], r["peak_mb"]
-    memory = {name: f"{m[name]:,.0f} MB" if name in m else "-" for name in MODELS}
-    rows = [f"| {name} | {s[name]:.3f} s | {memory[name]} |" for name in MODELS]
+    m = r["peak_mb"]
+    setting = (f"the four stepping in turn; rank {args.rank}, alpha {args.alpha:g}; "
+               f"LoRA+ ratio {LORAPLUS_RATIO:g}")
     return "\n".join([
-        f"Machine: {machine_description()}",
-        f"Command: `{command.strip()}`",
-        "",
-        f"Training step of a {args.preset}-shaped classifier, batch {args.batch_size} x {args.tokens} tokens "
-        f"(median of {args.repeats} after {args.warmup} warm-up, the four stepping in turn; rank "
-        f"{args.rank}, alpha {args.alpha:g}; LoRA+ ratio {LORAPLUS_RATIO:g}):",
-        "",
-        "| model | step time | peak memory (process) |",
-        "|---|---:|---:|",
-        *rows,
-        "",
-        "| ratio | value |",
-        "|---|---:|",
+        *step_table(MODELS, r["step_s"], m, args, command, setting),
         *(f"| {row} (step time, median of per-round ratios) | {value:.2f} |"
           for row, value in r["ratios"].items()),
         f"| ours DoRA / HF + PEFT DoRA (peak memory) | {m['ours dora'] / m['hf+peft dora']:.2f} |",

@@ -182,20 +182,25 @@ def epoch_times(args: argparse.Namespace, cfg: GPTConfig) -> tuple[dict[str, flo
     return seconds, tokens
 
 
-def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_step_options(parser: argparse.ArgumentParser, repeats: int) -> None:
+    """The options of a training-step timing (shape, batch, LoRA, rounds, --smoke), shared by the scripts."""
     parser.add_argument("--preset", default="gpt2-small")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--tokens", type=int, default=120, help="tokens per message in the step timing")
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--alpha", type=float, default=16.0)
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--repeats", type=int, default=repeats)
+    parser.add_argument("--smoke", action="store_true", help="tiny shapes, a few steps (CI)")
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_step_options(parser, repeats=7)
     parser.add_argument("--fixed-pad", type=int, default=120)
     parser.add_argument("--data-path", dest="data", default=str(SHARED_SMS),
                         help="the SMSSpamCollection file for the epoch")
-    parser.add_argument("--smoke", action="store_true", help="tiny shapes, a few steps (CI)")
     parser.add_argument("--memory-of", choices=MODELS + DORA_MODELS, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.memory_of:
@@ -225,23 +230,30 @@ def main(argv: list[str] | None = None) -> dict:
     return results
 
 
-def report(r: dict, args: argparse.Namespace, command: str) -> str:
-    s, m = r["step_s"], r["peak_mb"]
-    mem = {name: f"{m[name]:,.0f} MB" if name in m else "-" for name in MODELS}
-    lines = [
+def step_table(names: tuple[str, ...], step_s: dict, peak_mb: dict, args: argparse.Namespace, command: str,
+               setting: str) -> list[str]:
+    """Markdown lines: machine, command, the table of step times and peak memory, a ratio table's header."""
+    memory = {name: f"{peak_mb[name]:,.0f} MB" if name in peak_mb else "-" for name in names}
+    return [
         f"Machine: {machine_description()}",
-        f"Command: `{command}`",
+        f"Command: `{command.strip()}`",
         "",
         f"Training step of a {args.preset}-shaped classifier, batch {args.batch_size} x {args.tokens} tokens "
-        f"(median of {args.repeats} after {args.warmup} warm-up; LoRA rank {args.rank}, "
-        f"alpha {args.alpha:g}):",
+        f"(median of {args.repeats} after {args.warmup} warm-up; {setting}):",
         "",
         "| model | step time | peak memory (process) |",
         "|---|---:|---:|",
-        *(f"| {name} | {s[name]:.3f} s | {mem[name]} |" for name in MODELS),
+        *(f"| {name} | {step_s[name]:.3f} s | {memory[name]} |" for name in names),
         "",
         "| ratio | value |",
         "|---|---:|",
+    ]
+
+
+def report(r: dict, args: argparse.Namespace, command: str) -> str:
+    s, m = r["step_s"], r["peak_mb"]
+    lines = [
+        *step_table(MODELS, s, m, args, command, f"LoRA rank {args.rank}, alpha {args.alpha:g}"),
         f"| ours full / HF full (step time) | {s['ours full'] / s['hf full']:.2f} |",
         f"| ours LoRA / HF + PEFT LoRA (step time) | {s['ours lora'] / s['hf+peft lora']:.2f} |",
         f"| ours LoRA / ours full (step time) | {s['ours lora'] / s['ours full']:.2f} |",
