@@ -91,9 +91,9 @@ def pretrain(settings: PretrainSettings) -> dict:
     context_length = _given_or(settings.context_length, QUICK_CONTEXT_LENGTH if quick else CONTEXT_LENGTH)
     eval_every = _given_or(settings.eval_every, QUICK_EVAL_EVERY if quick else EVAL_EVERY)
     lr = _given_or(settings.lr, LEARNING_RATES.get(settings.model_name, DEFAULT_LEARNING_RATE))
+    model = build_model(settings.model_name, context_length, settings.seed)
     loaders = text_dataloaders(load_text(settings.data_path), context_length, settings.stride,
                                settings.batch_size, settings.seed)
-    model = build_model(settings.model_name, context_length, settings.seed)
     text = TEXT_RESOURCE if settings.data_path is None else str(settings.data_path)
     n_params = count_parameters(model)
     print(f"pretraining {settings.model_name} ({n_params:,} parameters) on {text}: "

@@ -40,7 +40,8 @@ def package_imports(path: Path) -> set[str]:
             else:  # from llm_scratch import model, GPTModel, ...: names that are modules count
                 found |= {alias.name for alias in node.names if alias.name in LEVELS}
         elif isinstance(node, ast.Import):
-            found |= {alias.name.split(".")[1] for alias in node.names if alias.name.startswith("llm_scratch.")}
+            found |= {alias.name.split(".")[1] for alias in node.names
+                      if alias.name.startswith("llm_scratch.")}
     return found
 
 

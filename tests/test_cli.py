@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -12,6 +13,7 @@ import pytest
 from llm_scratch.cli import build_parser, main, settings_from
 from llm_scratch.finetune import FinetuneSettings
 from llm_scratch.lora import LoRAConfig
+from llm_scratch.pretrain import PretrainSettings
 
 
 def run_cli(*args: str, cwd) -> subprocess.CompletedProcess:
@@ -87,3 +89,26 @@ def test_options_left_out_keep_the_library_defaults_and_given_ones_are_honoured(
         lora_config=LoRAConfig(rank=4, alpha=8.0, modules_to_save=("out_head",)),
         data_path=tmp_path / "sms", weights_path=tmp_path / "w.safetensors", out=tmp_path / "run",
         bucket=True, quick=True, random_init=True, progress=False, device="cpu")
+
+
+def test_pretrain_options_left_out_keep_the_library_defaults_and_given_ones_are_honoured(tmp_path):
+    parse = build_parser().parse_args
+    options = {k: v for k, v in vars(parse(["pretrain"])).items() if k != "command"}
+    assert PretrainSettings(**options) == PretrainSettings()  # every default is written once: the dataclass
+
+    given = ["pretrain", "--data-path", str(tmp_path / "story.txt"), "--model-name", "gpt2-small", "--epochs",
+             "3", "--context-length", "128", "--stride", "64", "--batch-size", "4", "--lr", "1e-4", "--seed",
+             "7", "--device", "cpu", "--out", str(tmp_path / "run"), "--quick", "--eval-every", "2",
+             "--sample-prompt", "Once upon a time", "--no-progress"]
+    options = {k: v for k, v in vars(parse(given)).items() if k != "command"}
+    assert PretrainSettings(**options) == PretrainSettings(
+        data_path=tmp_path / "story.txt", model_name="gpt2-small", epochs=3, context_length=128, stride=64,
+        batch_size=4, lr=1e-4, seed=7, device="cpu", out=tmp_path / "run", quick=True, eval_every=2,
+        sample_prompt="Once upon a time", progress=False)
+    fields = {field.name for field in dataclasses.fields(PretrainSettings)}
+    assert set(options) == fields  # one option per field
+
+
+def test_pretrain_errors_are_explained(tmp_path, capsys):
+    assert main(["pretrain", "--data-path", str(tmp_path / "missing.txt"), "--out", str(tmp_path)]) == 2
+    assert "no text file at" in capsys.readouterr().err
