@@ -20,7 +20,7 @@ from transformers import GPT2LMHeadModel
 from llm_scratch import GPTConfig, GPTModel, generate, get_tokenizer
 from llm_scratch.data import NextTokenDataset, load_text, split_tokens, text_dataloaders
 from llm_scratch.generate import next_token
-from llm_scratch.language_model import evaluate, next_token_loss
+from llm_scratch.language_model import evaluate, next_token_loss, train_language_model
 from llm_scratch.pretrain import QUICK_CONTEXT_LENGTH, PretrainSettings, build_model, pretrain
 from llm_scratch.pretrained import load_gpt2
 
@@ -102,13 +102,17 @@ def test_loss_by_hand_equals_cross_entropy_and_perplexity_is_its_exp():
     inputs, targets = next(iter(loader))
     with torch.no_grad():
         logits = model(inputs)  # (batch, n_tokens, vocab_size)
-    log_probs = torch.log_softmax(logits, dim=-1)
+    # In float64, so that only the formula can differ (in float32 two summation orders of 256 numbers near
+    # 10.8 may already differ by 1e-6, the last digit float32 keeps).
+    log_probs = torch.log_softmax(logits.double(), dim=-1)
     by_hand = -log_probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1).mean()  # each target's log-probability
+    in_float64 = F.cross_entropy(logits.double().flatten(0, 1), targets.flatten())
+    assert abs(by_hand.item() - in_float64.item()) < 1e-6
     reference = F.cross_entropy(logits.flatten(0, 1), targets.flatten())
     with torch.no_grad():
         package = next_token_loss(model, (inputs, targets))
-    assert abs(by_hand.item() - reference.item()) < 1e-6
     assert abs(package.item() - reference.item()) < 1e-6
+    assert abs(by_hand.item() - reference.item()) < 1e-5  # float32 against float64
 
     measured = evaluate(model, loader)  # every validation token: 8 windows of 64
     everything = torch.cat([model(x).flatten(0, 1) for x, _ in loader]).detach()
@@ -124,6 +128,38 @@ def test_untrained_loss_is_near_ln_of_the_vocabulary():
     measured = evaluate(model, text_dataloaders(load_text(), QUICK_CONTEXT_LENGTH).validation)
     assert abs(measured["loss"] - math.log(50_257)) < 0.5
     assert abs(math.log(measured["perplexity"]) - measured["loss"]) < 1e-9
+
+
+# ---- The training loop ----
+
+@pytest.mark.parametrize("progress", [False, True])
+def test_the_package_loop_gives_the_losses_of_a_plain_loop(progress):
+    """`train` reads the batches in the order a plain `for batch in loader` does (progress bar or not), and
+    seeds and steps as notebook 02's hand-written loop: the same seed gives the same losses."""
+    text = "The cat sat on the mat. " * 60  # 378 training tokens: 23 windows of 16, 12 batches
+
+    def fresh():
+        return build_model("tiny", 16, seed=5), text_dataloaders(text, 16, batch_size=2, seed=5)
+
+    model, loaders = fresh()
+    torch.manual_seed(5)
+    model.train()  # dropout on: its random masks must come in the same order too
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.1)
+    by_hand = []
+    for batch in loaders.train:
+        optimizer.zero_grad(set_to_none=True)
+        loss = next_token_loss(model, batch)
+        loss.backward()
+        optimizer.step()
+        by_hand.append(loss.item())
+
+    model, loaders = fresh()
+    # No loss check within the epoch: iterating a loader draws a seed from torch's global generator, so
+    # with dropout the steps after a check would differ from a loop that makes none.
+    history = train_language_model(model, loaders.train, loaders.validation, epochs=1, lr=3e-3,
+                                   weight_decay=0.1, eval_every=100, seed=5, device="cpu", progress=progress)
+    assert len(history.step_loss) == len(by_hand) == 12
+    assert max(abs(a - b) for a, b in zip(history.step_loss, by_hand, strict=True)) < 1e-6
 
 
 # ---- Decoding ----
