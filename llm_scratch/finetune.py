@@ -86,6 +86,13 @@ class FinetuneSettings:
     eval_every: int = 50  # steps between validation-loss checks
     progress: bool = True  # progress bars
 
+    @classmethod
+    def from_options(cls, rank: int | None = None, alpha: float | None = None, **fields) -> FinetuneSettings:
+        """Settings from flat options, as the command line gives them: `rank` and `alpha` go into the
+        LoRAConfig; an option left out keeps its default."""
+        lora = {name: value for name, value in (("rank", rank), ("alpha", alpha)) if value is not None}
+        return cls(**fields, lora_config=dataclasses.replace(CLASSIFIER_LORA, **lora))
+
     def __post_init__(self) -> None:
         """Refuse, with the option's name, every value a run could not honour."""
         def whole(value) -> bool:

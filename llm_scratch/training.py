@@ -169,7 +169,10 @@ def train(
     with PeakMemory(device) as memory:
         for epoch in range(1, epochs + 1):
             model.train()
-            bar = tqdm(train_loader, desc=f"epoch {epoch}/{epochs}", disable=not progress, leave=False)
+            # One iterator per epoch, made here: given the loader itself, tqdm.auto would make a spare one,
+            # which draws a seed from the loader's generator and so changes the order of the batches.
+            bar = tqdm(iter(train_loader), total=len(train_loader), desc=f"epoch {epoch}/{epochs}",
+                       disable=not progress, leave=False)
             for batch in bar:
                 optimizer.zero_grad(set_to_none=True)
                 loss = loss_fn(model, batch)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import math
 import statistics
 from pathlib import Path
 
@@ -116,3 +117,33 @@ def test_bench_dora_smoke(capsys, monkeypatch):
     expected = expected_trainable("tiny", rank=16)
     assert results["trainable"] == {name: expected[name.removesuffix("+")] for name in bench.MODELS}
     assert results["loraplus_lrs"] == pytest.approx([1e-5, 16e-5])  # A, B (1-D tensors too)
+
+
+def test_bench_pretrain_smoke(capsys, monkeypatch):
+    bench = load_script("bench_pretrain", monkeypatch)
+    results = bench.main(["--smoke"])  # tiny shape, batch 2 x 16 tokens, 1 warm-up step and 2 timed ones
+    rows = markdown_rows(capsys.readouterr().out)
+    step, tokens = results["step_s"], results["tokens_per_step"]
+    assert tokens == 2 * 16
+
+    # The table prints the returned numbers: medians of the timed steps, tokens per second, their ratio.
+    for name in bench.MODELS:
+        assert len(results["seconds"][name]) == 2
+        assert step[name] == statistics.median(results["seconds"][name])
+        assert rows[bench.LABELS[name]][:2] == [f"{step[name]:.3f} s", f"{tokens / step[name]:,.0f}"]
+    assert rows["ours / Hugging Face (step time)"] == [f"{step['ours'] / step['hf']:.2f}"]
+
+    # The two models are the same model: GPT-2's parameter count of the tiny shape, the tied head once.
+    cfg = PRESETS["tiny"]
+    d = cfg.emb_dim
+    expected = (cfg.vocab_size + cfg.context_length) * d + cfg.n_layers * (12 * d * d + 13 * d) + 2 * d
+    assert results["parameters"] == {"ours": expected, "hf": expected}
+    # Same weights, same batch, same maths: the same loss at every step, starting from a uniform guess over
+    # the vocabulary and falling as AdamW fits the one batch.
+    ours, hf = results["losses"]["ours"], results["losses"]["hf"]
+    assert len(ours) == len(hf) == 3
+    assert max(abs(a - b) for a, b in zip(ours, hf, strict=True)) < 1e-4
+    assert abs(ours[0] - math.log(cfg.vocab_size)) < 0.5
+    assert ours[2] < ours[1] < ours[0]
+    for i, (a, b) in enumerate(zip(ours, hf, strict=True), start=1):
+        assert rows[str(i)] == [f"{a:.5f}", f"{b:.5f}"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -10,9 +11,10 @@ import sys
 import pytest
 
 from llm_scratch.classifier import format_accuracy
-from llm_scratch.cli import build_parser, main, settings_from
+from llm_scratch.cli import build_parser, main
 from llm_scratch.finetune import FinetuneSettings
 from llm_scratch.lora import LoRAConfig
+from llm_scratch.pretrain import PretrainSettings
 
 
 def run_cli(*args: str, cwd) -> subprocess.CompletedProcess:
@@ -80,7 +82,7 @@ def test_unknown_method_is_refused_with_the_choices(capsys):
 def test_options_left_out_keep_the_library_defaults_and_given_ones_are_honoured(tmp_path):
     parse = build_parser().parse_args
     options = {k: v for k, v in vars(parse(["finetune"])).items() if k != "command"}
-    assert settings_from(options) == FinetuneSettings()  # every default is written once, in the dataclass
+    assert FinetuneSettings.from_options(**options) == FinetuneSettings()  # defaults live in the dataclass
 
     given = ["finetune", "--method", "full", "--model-name", "gpt2-medium", "--epochs", "1", "--lr", "1e-3",
              "--rank", "4", "--alpha", "8", "--batch-size", "2", "--seed", "7", "--eval-every", "3",
@@ -88,11 +90,34 @@ def test_options_left_out_keep_the_library_defaults_and_given_ones_are_honoured(
              "--out", str(tmp_path / "run"), "--overwrite", "--bucket", "--quick", "--no-progress",
              "--device", "cpu"]
     options = {k: v for k, v in vars(parse(given)).items() if k not in ("command", "compare")}
-    settings = settings_from(options)
+    settings = FinetuneSettings.from_options(**options)
     assert settings == FinetuneSettings(
         method="full", model_name="gpt2-medium", epochs=1, lr=1e-3, batch_size=2, seed=7, eval_every=3,
         lora_config=LoRAConfig(rank=4, alpha=8.0, modules_to_save=("out_head",)),
         data_path=tmp_path / "sms", weights_path=tmp_path / "w.safetensors", out=tmp_path / "run",
         overwrite=True, bucket=True, quick=True, progress=False, device="cpu")
     # --random-init, left out above, contradicts --weights-path (refused, see tests/test_bad_input.py)
-    assert settings_from({"random_init": True}).random_init
+    assert FinetuneSettings.from_options(random_init=True).random_init
+
+
+def test_pretrain_options_left_out_keep_the_library_defaults_and_given_ones_are_honoured(tmp_path):
+    parse = build_parser().parse_args
+    options = {k: v for k, v in vars(parse(["pretrain"])).items() if k != "command"}
+    assert PretrainSettings(**options) == PretrainSettings()  # every default is written once: the dataclass
+
+    given = ["pretrain", "--data-path", str(tmp_path / "story.txt"), "--model-name", "gpt2-small", "--epochs",
+             "3", "--context-length", "128", "--stride", "64", "--batch-size", "4", "--lr", "1e-4", "--seed",
+             "7", "--device", "cpu", "--out", str(tmp_path / "run"), "--quick", "--eval-every", "2",
+             "--sample-prompt", "Once upon a time", "--no-progress"]
+    options = {k: v for k, v in vars(parse(given)).items() if k != "command"}
+    assert PretrainSettings(**options) == PretrainSettings(
+        data_path=tmp_path / "story.txt", model_name="gpt2-small", epochs=3, context_length=128, stride=64,
+        batch_size=4, lr=1e-4, seed=7, device="cpu", out=tmp_path / "run", quick=True, eval_every=2,
+        sample_prompt="Once upon a time", progress=False)
+    fields = {field.name for field in dataclasses.fields(PretrainSettings)}
+    assert set(options) == fields  # one option per field
+
+
+def test_pretrain_errors_are_explained(tmp_path, capsys):
+    assert main(["pretrain", "--data-path", str(tmp_path / "missing.txt"), "--out", str(tmp_path)]) == 2
+    assert "no text file at" in capsys.readouterr().err

@@ -1,5 +1,5 @@
 """LoRA+: parameter groups equal to PEFT's `create_loraplus_optimizer`, the training loop's `param_groups`,
-`--loraplus-ratio` from the command line, and `compare` with DoRA and LoRA+."""
+`--loraplus-lr-ratio` from the command line, and `compare` with DoRA and LoRA+."""
 
 from __future__ import annotations
 
@@ -123,14 +123,15 @@ def test_loraplus_refuses_what_it_cannot_do():
 def test_loraplus_from_the_command_line(tmp_path: Path, monkeypatch, capsys):
     monkeypatch.setenv("LLM_SCRATCH_DATA", str(tmp_path / "data"))
     run = tmp_path / "loraplus"
-    assert main(["finetune", "--loraplus-ratio", "16", "--quick", "--out", str(run), "--no-progress"]) == 0
+    assert main(["finetune", "--loraplus-lr-ratio", "16", "--quick", "--out", str(run), "--no-progress"]) == 0
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["method"] == "lora" and metrics["loraplus_lr_ratio"] == 16.0
     assert json.loads((run / "run.json").read_text())["loraplus_lr_ratio"] == 16.0
     losses = metrics["history"]["step_loss"]
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5
     capsys.readouterr()
-    args = ["finetune", "--method", "full", "--loraplus-ratio", "16", "--quick", "--out", str(tmp_path / "f")]
+    args = ["finetune", "--method", "full", "--loraplus-lr-ratio", "16", "--quick",
+            "--out", str(tmp_path / "f")]
     assert main(args) == 2
     assert "use it with method lora or dora, not 'full'" in capsys.readouterr().err
 

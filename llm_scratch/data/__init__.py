@@ -1,7 +1,7 @@
 """The data the notebooks train on: the SMS Spam Collection (`sms_spam`: parse, download into the cache,
-balance, split) and its batching (`batching`: Dataset, collate, length-bucketed sampler, DataLoaders); quick
-mode's subset of the real collection ships here as package data. Import from either module or from
-`llm_scratch.data`.
+balance, split) and its batching (`batching`: Dataset, collate, length-bucketed sampler, DataLoaders); the
+pretraining text and its next-token windows (`text`). Quick mode's subset of the real collection and the
+pretraining story ship here as package data. Import from any of the modules or from `llm_scratch.data`.
 """
 
 from llm_scratch.data.batching import (
@@ -38,6 +38,15 @@ from llm_scratch.data.sms_spam import (
     write_split_csv,
     write_splits,
 )
+from llm_scratch.data.text import (
+    TEXT_RESOURCE,
+    TRAIN_FRACTION,
+    NextTokenDataset,
+    TextLoaders,
+    load_text,
+    split_tokens,
+    text_dataloaders,
+)
 
 __all__ = [
     # sms_spam: the data set
@@ -72,4 +81,12 @@ __all__ = [
     "SpamLoaders",
     "collate_spam",
     "spam_dataloaders",
+    # text: the pretraining text and its windows
+    "TEXT_RESOURCE",
+    "TRAIN_FRACTION",
+    "NextTokenDataset",
+    "TextLoaders",
+    "load_text",
+    "split_tokens",
+    "text_dataloaders",
 ]
