@@ -30,8 +30,8 @@ def markdown_rows(text: str) -> dict[str, list[str]]:
 
 def test_bench_finetune_smoke(capsys, monkeypatch):
     bench = load_script("bench_finetune", monkeypatch)
-    results = bench.main(["--smoke"])  # tiny shape, batch 8 x 16 tokens, LoRA rank 16, fixed padding to 32
-    batch_size, rank, fixed_pad = 8, 16, 32
+    results = bench.main(["--smoke"])  # tiny shape, batch 8 x 16 tokens, LoRA rank 16, fixed padding to 80
+    batch_size, rank, fixed_pad = 8, 16, 80
     rows = markdown_rows(capsys.readouterr().out)
     step, memory, tokens, epoch = (results[key] for key in ("step_s", "peak_mb", "epoch_tokens", "epoch_s"))
 
@@ -85,3 +85,20 @@ def test_bench_finetune_smoke(capsys, monkeypatch):
         "ours lora": lora["ours"] + ours_head,
         "hf+peft lora": lora["hf"] + hf_head,
     }
+
+
+def test_bench_full_mode_times_every_method_per_position(monkeypatch):
+    bench = load_script("bench_full_mode", monkeypatch)
+    base = bench.add_classification_head(bench.GPTModel(bench.GPTConfig.from_preset("tiny")))
+    models = {}
+    for method in bench.METHODS:
+        models[method] = bench.copy.deepcopy(base)
+        bench.prepare_for_method(models[method], method)
+    splits = bench.load_spam_splits(quick=True)
+    batches = [batch for batch, _ in zip(bench.spam_dataloaders(splits, context_length=256).train, range(3),
+                                         strict=False)]
+    before = {name: p.detach().clone() for name, p in models["full"].named_parameters()}
+    per_step, per_eval = bench.step_seconds(models, batches)
+    assert list(per_step) == list(bench.METHODS) and all(t > 0 for t in per_step.values()) and per_eval > 0
+    moved = [name for name, p in models["full"].named_parameters() if not bench.torch.equal(p, before[name])]
+    assert moved  # the timed steps really trained
