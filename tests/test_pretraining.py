@@ -5,7 +5,6 @@ model it saves, read back by our loader and by Hugging Face's GPT2LMHeadModel.""
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import math
 import os
@@ -25,7 +24,6 @@ from llm_scratch.language_model import evaluate, next_token_loss, train_language
 from llm_scratch.pretrain import QUICK_CONTEXT_LENGTH, PretrainSettings, build_model, pretrain
 from llm_scratch.pretrained import load_gpt2
 
-ROOT = Path(__file__).resolve().parents[1]
 # The shipped story, as its provenance (../shared/data/pretraining/README.md) describes it.
 VERDICT_SHA256 = "b41e41a68f0398a3154ae69e2e4c0e2694e17fe0d66730536837f1b01935b31f"
 VERDICT_CHARS, VERDICT_TOKENS = 20_479, 5_145
@@ -283,13 +281,3 @@ def test_a_given_text_is_honoured_and_wrong_settings_are_refused(tmp_path):
     with pytest.raises(ValueError, match="longer than the tiny model's 256 positions"):
         pretrain(PretrainSettings(context_length=512, out=tmp_path / "no"))
     assert not (tmp_path / "no").exists()  # refused before anything was written
-
-
-def test_the_exercise_solutions_run_in_quick_mode(tmp_path):
-    """Notebook 02's solutions assert their answers; run them as the notebooks are run."""
-    script = ROOT / "benchmarks" / "bench_notebooks.py"  # the one way to run a notebook in quick mode
-    spec = importlib.util.spec_from_file_location("bench_notebooks", script)
-    bench_notebooks = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench_notebooks)
-    solutions = ROOT / "notebooks" / "solutions" / "02_pretraining_solutions.ipynb"
-    bench_notebooks.run_notebook_quick(solutions, tmp_path)  # raises on any failed assertion
