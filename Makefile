@@ -1,6 +1,7 @@
-# Two commands set everything up (see README.md):
-#   make run    create .venv, install, run the main job (LoRA fine-tuning; ARGS=--quick for quick mode)
-#   make test   create or reuse .venv, install the test extra, run the tests
+# Two commands set everything up (see README.md; without make: pip install -e ".[notebooks]"):
+#   make run      create .venv, install, run the main job (LoRA fine-tuning; ARGS=--quick for quick mode)
+#   make test     create or reuse .venv, install the test extra, run the tests
+#   make figures  regenerate the committed figures in figures/ (running notebooks never touches them)
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -8,7 +9,10 @@ BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 NOTEBOOKS := $(sorted $(wildcard notebooks/*.ipynb))
 
-.PHONY: run test lint notebooks clean
+# The notebooks whose figures are committed: exact without any download (parameter counts, rank plots).
+FIGURE_NOTEBOOKS := notebooks/01_gpt_from_scratch.ipynb notebooks/04_lora_from_scratch.ipynb
+
+.PHONY: run test lint notebooks figures clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -24,14 +28,24 @@ $(VENV)/.installed-test: $(BIN)/python pyproject.toml
 	$(BIN)/python -m pip install -e ".[test]"
 	touch $@
 
-# The main job: LoRA fine-tuning of GPT-2 124M on the SMS Spam Collection (`make run ARGS=--quick`: no network).
+# The main job: LoRA fine-tuning of GPT-2 124M on the SMS Spam Collection, 5 epochs (`make run ARGS=--quick`:
+# no network). --overwrite: running it again replaces the previous run in its folder, once the new run is
+# complete. Quick runs go to runs/lora-quick, so that they never replace a full run.
 ARGS ?=
+QUICK_RUN := $(or $(findstring --quick,$(ARGS)),$(filter 1 true yes on,$(LLM_SCRATCH_QUICK)))
+RUN_OUT ?= runs/lora$(if $(QUICK_RUN),-quick)
 run: $(VENV)/.installed
-	$(BIN)/python -m llm_scratch finetune --method lora --model-name gpt2-small --epochs 5 --out runs/lora $(ARGS)
+	$(BIN)/python -m llm_scratch finetune --method lora --out $(RUN_OUT) --overwrite $(ARGS)
 
-# Execute every notebook top to bottom (full mode unless LLM_SCRATCH_QUICK=1); executed copies go to runs/.
+# Execute every notebook top to bottom (full mode unless LLM_SCRATCH_QUICK=1); executed copies and figures
+# go to runs/.
 notebooks: $(VENV)/.installed
 	$(BIN)/jupyter nbconvert --to notebook --execute --output-dir runs/notebooks $(NOTEBOOKS)
+
+# On purpose only: run FIGURE_NOTEBOOKS in full mode (no download needed) with their figures sent to figures/.
+figures: $(VENV)/.installed
+	LLM_SCRATCH_QUICK= LLM_SCRATCH_FIGURES="$(CURDIR)/figures" \
+		$(BIN)/jupyter nbconvert --to notebook --execute --output-dir runs/notebooks $(FIGURE_NOTEBOOKS)
 
 test: $(VENV)/.installed-test
 	$(BIN)/python -m ruff check .

@@ -33,10 +33,12 @@ from llm_scratch.model import GPTModel
 
 SHARED_SMS = Path(__file__).resolve().parents[2] / "shared" / "data" / "sms_spam" / "SMSSpamCollection"
 MODELS = ("ours full", "hf full", "ours lora", "hf+peft lora")
+DORA_MODELS = ("ours dora", "hf+peft dora")  # measured by bench_dora.py, built here
 
 
 def build(name: str, cfg: GPTConfig, rank: int, alpha: float, seed: int = 123) -> torch.nn.Module:
-    """One of MODELS: a 2-class classifier of shape `cfg`, random weights, set up for its method."""
+    """One of MODELS or DORA_MODELS: a 2-class classifier of shape `cfg`, random weights, set up for its
+    method."""
     torch.manual_seed(seed)
     if name.startswith("ours"):
         model = add_classification_head(GPTModel(cfg), num_classes=2, seed=seed)
@@ -49,18 +51,23 @@ def build(name: str, cfg: GPTConfig, rank: int, alpha: float, seed: int = 123) -
                         n_layer=cfg.n_layers, n_head=cfg.n_heads, num_labels=2, pad_token_id=50256,
                         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)  # no dropout, as ours
     model = GPT2ForSequenceClassification(hf_cfg)
-    if name == "hf+peft lora":  # the same weight matrices as ours: q/k/v (fused in c_attn), both c_proj, c_fc
+    if name.startswith("hf+peft"):  # the same weight matrices as ours: q/k/v (fused in c_attn), c_proj, c_fc
         from peft import LoraConfig, get_peft_model
 
         lora = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, fan_in_fan_out=True,
-                          target_modules=["c_attn", "c_proj", "c_fc"], modules_to_save=["score"])
+                          target_modules=["c_attn", "c_proj", "c_fc"], modules_to_save=["score"],
+                          use_dora=name.endswith("dora"))
         model = get_peft_model(model, lora)
     return model.train()
 
 
-def train_step(model: torch.nn.Module) -> Callable[[SpamBatch], float]:
-    """One AdamW step (forward, loss, backward, update) of `model` on a batch; returns the loss."""
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+def train_step(model: torch.nn.Module,
+               param_groups: list[dict] | None = None) -> Callable[[SpamBatch], float]:
+    """One AdamW step (forward, loss, backward, update) of `model` on a batch; returns the loss.
+
+    `param_groups` (e.g. LoRA+'s) replaces the one group of every trainable parameter."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(param_groups if param_groups is not None else trainable, lr=1e-5)
     ours = hasattr(model, "blocks")
 
     def step(batch: SpamBatch) -> float:
@@ -82,8 +89,9 @@ def random_batch(batch_size: int, n_tokens: int, vocab_size: int) -> SpamBatch:
     return SpamBatch(ids, torch.full((batch_size,), n_tokens), torch.randint(0, 2, (batch_size,)))
 
 
-def time_alternately(steps: dict[str, Callable[[], object]], warmup: int, repeats: int) -> dict[str, float]:
-    """Median seconds of each callable, run in turn A, B, A, B, ... after `warmup` rounds."""
+def alternating_times(steps: dict[str, Callable[[], object]], warmup: int,
+                      repeats: int) -> dict[str, list[float]]:
+    """Seconds of each callable in each of `repeats` rounds, run in turn A, B, A, B, ... after `warmup`."""
     times: dict[str, list[float]] = {name: [] for name in steps}
     for round_ in range(warmup + repeats):
         for name, step in steps.items():
@@ -91,7 +99,12 @@ def time_alternately(steps: dict[str, Callable[[], object]], warmup: int, repeat
             step()
             if round_ >= warmup:
                 times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
+    return times
+
+
+def time_alternately(steps: dict[str, Callable[[], object]], warmup: int, repeats: int) -> dict[str, float]:
+    """Median seconds of each callable, run in turn A, B, A, B, ... after `warmup` rounds."""
+    return {name: statistics.median(t) for name, t in alternating_times(steps, warmup, repeats).items()}
 
 
 def matmul_gflops(n: int, repeats: int) -> float:
@@ -169,27 +182,32 @@ def epoch_times(args: argparse.Namespace, cfg: GPTConfig) -> tuple[dict[str, flo
     return seconds, tokens
 
 
-def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_step_options(parser: argparse.ArgumentParser, repeats: int) -> None:
+    """The options of a training-step timing (shape, batch, LoRA, rounds, --smoke), shared by the scripts."""
     parser.add_argument("--preset", default="gpt2-small")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--tokens", type=int, default=120, help="tokens per message in the step timing")
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--alpha", type=float, default=16.0)
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--repeats", type=int, default=repeats)
+    parser.add_argument("--smoke", action="store_true", help="tiny shapes, a few steps (CI)")
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_step_options(parser, repeats=7)
     parser.add_argument("--fixed-pad", type=int, default=120)
     parser.add_argument("--data-path", dest="data", default=str(SHARED_SMS),
                         help="the SMSSpamCollection file for the epoch")
-    parser.add_argument("--smoke", action="store_true", help="tiny shapes, a few steps (CI)")
-    parser.add_argument("--memory-of", choices=MODELS, help=argparse.SUPPRESS)
+    parser.add_argument("--memory-of", choices=MODELS + DORA_MODELS, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.memory_of:
         _measure_own_memory(args)
         return {}
     if args.smoke:
-        args.preset, args.tokens, args.warmup, args.repeats, args.fixed_pad = "tiny", 16, 1, 2, 32
+        args.preset, args.tokens, args.warmup, args.repeats, args.fixed_pad = "tiny", 16, 1, 2, 256
     command = "python benchmarks/bench_finetune.py " + " ".join(sys.argv[1:] if argv is None else argv)
     cfg = GPTConfig.from_preset(args.preset)
     batch = random_batch(args.batch_size, args.tokens, cfg.vocab_size)
@@ -212,23 +230,30 @@ def main(argv: list[str] | None = None) -> dict:
     return results
 
 
-def report(r: dict, args: argparse.Namespace, command: str) -> str:
-    s, m = r["step_s"], r["peak_mb"]
-    mem = {name: f"{m[name]:,.0f} MB" if name in m else "-" for name in MODELS}
-    lines = [
+def step_table(names: tuple[str, ...], step_s: dict, peak_mb: dict, args: argparse.Namespace, command: str,
+               setting: str) -> list[str]:
+    """Markdown lines: machine, command, the table of step times and peak memory, a ratio table's header."""
+    memory = {name: f"{peak_mb[name]:,.0f} MB" if name in peak_mb else "-" for name in names}
+    return [
         f"Machine: {machine_description()}",
-        f"Command: `{command}`",
+        f"Command: `{command.strip()}`",
         "",
         f"Training step of a {args.preset}-shaped classifier, batch {args.batch_size} x {args.tokens} tokens "
-        f"(median of {args.repeats} after {args.warmup} warm-up; LoRA rank {args.rank}, "
-        f"alpha {args.alpha:g}):",
+        f"(median of {args.repeats} after {args.warmup} warm-up; {setting}):",
         "",
         "| model | step time | peak memory (process) |",
         "|---|---:|---:|",
-        *(f"| {name} | {s[name]:.3f} s | {mem[name]} |" for name in MODELS),
+        *(f"| {name} | {step_s[name]:.3f} s | {memory[name]} |" for name in names),
         "",
         "| ratio | value |",
         "|---|---:|",
+    ]
+
+
+def report(r: dict, args: argparse.Namespace, command: str) -> str:
+    s, m = r["step_s"], r["peak_mb"]
+    lines = [
+        *step_table(MODELS, s, m, args, command, f"LoRA rank {args.rank}, alpha {args.alpha:g}"),
         f"| ours full / HF full (step time) | {s['ours full'] / s['hf full']:.2f} |",
         f"| ours LoRA / HF + PEFT LoRA (step time) | {s['ours lora'] / s['hf+peft lora']:.2f} |",
         f"| ours LoRA / ours full (step time) | {s['ours lora'] / s['ours full']:.2f} |",

@@ -1,11 +1,12 @@
 """Quick-mode run time of each notebook, run exactly as CI runs it (a fresh kernel; its start is included).
 
-    python benchmarks/bench_notebooks.py                                            # every notebook
+    python benchmarks/bench_notebooks.py                                            # all, solutions too
     python benchmarks/bench_notebooks.py notebooks/05_spam_classification_lora.ipynb   # only those named
 
-Each notebook runs top to bottom with LLM_SCRATCH_QUICK=1, no network (HF_HUB_OFFLINE=1) and its figures and
-run files in a temporary folder. `tests/test_notebooks.py` runs the notebooks with `run_notebook_quick` from
-here and fails only on an error; the times are measured here, never asserted.
+Each notebook runs top to bottom with LLM_SCRATCH_QUICK=1, no network (HF_HUB_OFFLINE=1) and its run files in
+a temporary folder; its figures go where they go by default, `figures/` inside that run folder. The notebooks'
+exercise solutions (`notebooks/solutions/`) run the same way. `tests/test_notebooks.py` runs them all with
+`run_notebook_quick` from here and fails only on an error; the times are measured here, never asserted.
 """
 
 from __future__ import annotations
@@ -23,30 +24,34 @@ from nbclient import NotebookClient
 
 NOTEBOOK_DIR = Path(__file__).resolve().parents[1] / "notebooks"
 NOTEBOOKS = sorted(NOTEBOOK_DIR.glob("*.ipynb"))
+SOLUTIONS = sorted((NOTEBOOK_DIR / "solutions").glob("*_solutions.ipynb"))  # the exercises' solutions
 CELL_TIMEOUT_S = 600  # a limit against a cell that hangs, not a time budget
 
 
-def quick_env(workdir: Path) -> dict[str, str]:
-    """The environment variables of a quick-mode run: tiny model, no network, files under `workdir`."""
+def quick_env(workdir: Path, quick: bool = True) -> dict[str, str]:
+    """The environment variables of a quick-mode run: tiny model, no network, files under `workdir`.
+
+    `quick=False` is the same run in full mode, for the notebooks that need no download (01, 04)."""
     return {
-        "LLM_SCRATCH_QUICK": "1",
-        "LLM_SCRATCH_FIGURES": str(workdir / "figures"),  # the committed figures stay untouched
+        "LLM_SCRATCH_QUICK": "1" if quick else "",
+        "LLM_SCRATCH_FIGURES": "",  # unset: figures go to their default folder, inside the runs folder
         "LLM_SCRATCH_RUNS": str(workdir / "runs"),
         "HF_HUB_OFFLINE": "1",  # quick mode must never touch the network
         "MPLBACKEND": "Agg",
     }
 
 
-def run_notebook_quick(path: Path, workdir: Path) -> float:
+def run_notebook_quick(path: Path, workdir: Path, quick: bool = True) -> float:
     """Execute the notebook at `path` top to bottom in quick mode; return its seconds, kernel start included.
 
     Raises nbclient's CellExecutionError (with the cell and its traceback) on any error or cell timeout.
+    `quick=False` runs it in full mode instead (no network either: for notebooks that download nothing).
     """
     notebook = nbformat.read(path, as_version=4)
     client = NotebookClient(notebook, timeout=CELL_TIMEOUT_S, kernel_name="python3",
                             resources={"metadata": {"path": str(path.parent)}})  # the kernel starts there
     start = time.perf_counter()
-    client.execute(env={**os.environ, **quick_env(workdir)})  # the kernel's environment; ours is unchanged
+    client.execute(env={**os.environ, **quick_env(workdir, quick)})  # the kernel's environment
     return time.perf_counter() - start
 
 
@@ -54,9 +59,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     """Run the notebooks one after the other, print a markdown table; return the seconds by notebook name."""
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("notebooks", nargs="*", type=Path, help="notebooks to run (default: all of them)")
+    parser.add_argument("notebooks", nargs="*", type=Path,
+                        help="notebooks to run (default: all of them, then the solutions)")
     args = parser.parse_args(argv)
-    paths = [path.resolve() for path in args.notebooks] or NOTEBOOKS
+    paths = [path.resolve() for path in args.notebooks] or NOTEBOOKS + SOLUTIONS
     missing = [str(path) for path in paths if not path.is_file()]
     if missing:
         parser.error(f"no such notebook: {', '.join(missing)}")

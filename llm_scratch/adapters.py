@@ -1,4 +1,4 @@
-"""LoRA adapter files: only the trained tensors (A, B and `modules_to_save`), with their `LoRAConfig`.
+"""LoRA adapter files: only the trained tensors (A, B, DoRA's m, `modules_to_save`), with their `LoRAConfig`.
 
 An adapter is a safetensors file whose metadata holds the `LoRAConfig` as JSON, the names of the wrapped
 layers and the base model's name, so `load_lora` can rebuild the same layers in a fresh base model.
@@ -12,10 +12,9 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file
 from torch import nn
 
-from llm_scratch.files import save_safetensors
+from llm_scratch.files import read_safetensors, save_safetensors
 from llm_scratch.lora import LinearWithLoRA, LoRAConfig, lora_layers, replace_linear_with_lora, submodule
 
 ADAPTER_FORMAT = "llm-scratch-lora"
@@ -29,11 +28,15 @@ def modules_to_save_state(model: nn.Module, modules_to_save: tuple[str, ...]) ->
 
 
 def lora_state_dict(model: nn.Module, config: LoRAConfig) -> dict[str, torch.Tensor]:
-    """The LoRA tensors ("blocks.0.att.W_query.lora.A", ...) and those of `config.modules_to_save`."""
+    """The LoRA tensors ("blocks.0.att.W_query.lora.A", ...), DoRA's magnitudes ("...magnitude.m") and the
+    tensors of `config.modules_to_save`, after checking that every LoRA layer was made with `config`."""
     state = {}
     for name, layer in lora_layers(model).items():
+        _check_layer(name, layer, config, "save with the config the layers were made with")
         state[f"{name}.lora.A"] = layer.lora.A.detach()  # (in_dim, rank)
         state[f"{name}.lora.B"] = layer.lora.B.detach()  # (rank, out_dim)
+        if layer.magnitude is not None:
+            state[f"{name}.magnitude.m"] = layer.magnitude.m.detach()  # (out_dim,)
     if not state:
         raise RuntimeError("the model has no LoRA layers; call replace_linear_with_lora(model, ...) first")
     state.update(modules_to_save_state(model, config.modules_to_save))
@@ -41,26 +44,26 @@ def lora_state_dict(model: nn.Module, config: LoRAConfig) -> dict[str, torch.Ten
 
 
 def _check_layer(name: str, layer: LinearWithLoRA, config: LoRAConfig, what_to_do: str) -> None:
-    """Raise unless the LoRA layer `name` has the rank, alpha and rsLoRA of `config` and is not merged."""
-    lora = layer.lora
-    if (lora.rank, lora.alpha, lora.use_rslora) != (config.rank, config.alpha, config.use_rslora):
+    """Raise unless the LoRA layer `name` has the rank, alpha, rsLoRA, DoRA of `config` and is not merged."""
+    lora, dora = layer.lora, layer.magnitude is not None
+    if (lora.rank, lora.alpha, lora.use_rslora, dora) != (config.rank, config.alpha, config.use_rslora,
+                                                          config.use_dora):
         raise ValueError(f"{name!r} already has LoRA with rank={lora.rank}, alpha={lora.alpha:g}, rsLoRA="
-                         f"{lora.use_rslora}, but the config says rank={config.rank}, alpha="
-                         f"{config.alpha:g}, rsLoRA={config.use_rslora}; {what_to_do}")
+                         f"{lora.use_rslora}, DoRA={dora}, but the config says rank={config.rank}, alpha="
+                         f"{config.alpha:g}, rsLoRA={config.use_rslora}, DoRA={config.use_dora}; "
+                         f"{what_to_do}")
     if layer.merged:
         raise RuntimeError(f"{name!r} is merged; call unmerge() on it first")
 
 
 def save_lora(model: nn.Module, path: str | Path, config: LoRAConfig, *, model_name: str = "") -> Path:
-    """Save only the adapter (A and B of every LoRA layer, plus `config.modules_to_save`) as safetensors.
+    """Save only the adapter (A and B of every LoRA layer, DoRA's m, `config.modules_to_save`) as safetensors.
 
     The metadata (the config as JSON, the wrapped layers, the base model's name) lets `load_lora` re-inject
     the same layers into a fresh base model.
     """
-    state = lora_state_dict(model, config)  # raises if there is no LoRA layer
+    state = lora_state_dict(model, config)  # raises if there is no LoRA layer or one differs from config
     layers = lora_layers(model)
-    for name, layer in layers.items():
-        _check_layer(name, layer, config, "save with the config the layers were made with")
     metadata = {
         "format": ADAPTER_FORMAT,
         "version": ADAPTER_VERSION,
@@ -122,14 +125,14 @@ def read_lora_metadata(path: str | Path) -> dict:
             "layers": _json_field(raw, "layers", path)}
 
 
-def _expected_shapes(model: nn.Module, config: LoRAConfig, layers: list[str], saved_from: str) -> dict:
-    """The shape of every A and B the adapter must hold, after checking each layer can take it."""
+def _expected_shapes(model: nn.Module, config: LoRAConfig, layers: list[str], source: str) -> dict:
+    """The shape of every A, B (and DoRA's m) the adapter must hold, after checking each layer takes it."""
     expected: dict[str, tuple[int, ...]] = {}
     for name in layers:
         try:
             module = model.get_submodule(name)
         except AttributeError:
-            raise ValueError(f"the adapter{saved_from} has a LoRA layer {name!r} that this model lacks; load "
+            raise ValueError(f"the adapter {source} has a LoRA layer {name!r} that this model lacks; load "
                              "it into the same kind of model it was trained on") from None
         if isinstance(module, LinearWithLoRA):
             _check_layer(name, module, config, "load into a fresh base model")
@@ -141,14 +144,17 @@ def _expected_shapes(model: nn.Module, config: LoRAConfig, layers: list[str], sa
                              "not an nn.Linear; load it into the model it was trained on")
         expected[f"{name}.lora.A"] = (linear.in_features, config.rank)
         expected[f"{name}.lora.B"] = (config.rank, linear.out_features)
+        if config.use_dora:
+            expected[f"{name}.magnitude.m"] = (linear.out_features,)
     return expected
 
 
 def load_lora(model: nn.Module, path: str | Path, *, model_name: str | None = None) -> LoRAConfig:
     """Load an adapter written by `save_lora` into `model`, injecting the LoRA layers where needed.
 
-    Checks the file's layers, keys, shapes and metadata against the model before changing anything; pass
-    `model_name` to also check the base model's name saved with the adapter. Returns the adapter's config.
+    Checks the file's layers, keys, shapes, metadata and values (no NaN or infinity) against the model
+    before changing anything; pass `model_name` to also check the base model's name saved with the adapter.
+    Returns the adapter's config.
     """
     meta = read_lora_metadata(path)
     config, layers = meta["lora_config"], meta["layers"]
@@ -156,10 +162,17 @@ def load_lora(model: nn.Module, path: str | Path, *, model_name: str | None = No
         raise ValueError(f"{path} was trained on base model {meta['model_name']!r}, not {model_name!r}; "
                          "load it into the model it was made for")
     saved_from = f" (saved from {meta['model_name']!r})" if meta["model_name"] else ""
-    file_state = load_file(str(path))
+    file_state = read_safetensors(path)  # refuses NaN and infinity
+    apply_lora_state(model, config, layers, file_state, f"{path}{saved_from}")
+    return config
 
+
+def apply_lora_state(model: nn.Module, config: LoRAConfig, layers: list[str],
+                     file_state: dict[str, torch.Tensor], source: str) -> None:
+    """Put an adapter's tensors (named as `lora_state_dict` names them) into `model`, injecting the LoRA
+    `layers` where needed. Checks every layer, key and shape first; `source` names the adapter in errors."""
     # 1. Every layer named in the file exists here, as a plain Linear or as a LoRA layer with equal settings.
-    expected = _expected_shapes(model, config, layers, saved_from)
+    expected = _expected_shapes(model, config, layers, source)
     saved_modules = modules_to_save_state(model, config.modules_to_save)  # e.g. the classification head
 
     # 2. The file holds exactly those tensors, with those shapes.
@@ -167,8 +180,8 @@ def load_lora(model: nn.Module, path: str | Path, *, model_name: str | None = No
     saved_prefixes = tuple(name + "." for name in config.modules_to_save)
     unexpected = sorted(k for k in file_state if k not in expected and not k.startswith(saved_prefixes))
     if missing or unexpected:
-        raise ValueError(f"{path} does not match its own metadata: missing {missing[:5]}, unexpected "
-                         f"{unexpected[:5]}; the file is damaged or was not written by save_lora")
+        raise ValueError(f"the adapter {source} does not match its own config: missing {missing[:5]}, "
+                         f"unexpected {unexpected[:5]}; the file is damaged or was not written for it")
     for key, shape in expected.items():
         if tuple(file_state[key].shape) != shape:
             raise ValueError(f"{key}: the adapter has shape {tuple(file_state[key].shape)} but this model "
@@ -187,9 +200,10 @@ def load_lora(model: nn.Module, path: str | Path, *, model_name: str | None = No
         replace_linear_with_lora(model, dataclasses.replace(config, target_modules=plain))
     with torch.no_grad():
         for name in layers:
-            lora = model.get_submodule(name).lora
-            lora.A.copy_(file_state[f"{name}.lora.A"])
-            lora.B.copy_(file_state[f"{name}.lora.B"])
+            layer = model.get_submodule(name)
+            layer.lora.A.copy_(file_state[f"{name}.lora.A"])
+            layer.lora.B.copy_(file_state[f"{name}.lora.B"])
+            if config.use_dora:
+                layer.magnitude.m.copy_(file_state[f"{name}.magnitude.m"])
         for key, tensor in saved_modules.items():
             tensor.copy_(file_state[key])
-    return config

@@ -1,46 +1,45 @@
-"""`python -m llm_scratch finetune | classify | pretrain`: turn options into `FinetuneSettings` or
-`PretrainSettings` and print; the work is done in `llm_scratch.finetune` and `llm_scratch.pretrain`. An option
-left out keeps the default written in its settings dataclass (or `CLASSIFIER_LORA` for LoRA's).
+"""`python -m llm_scratch finetune | classify | pretrain`: options -> `FinetuneSettings` / `PretrainSettings`.
+
+The work is done in `llm_scratch.finetune` and `.pretrain`; an option left out keeps its dataclass default.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
+import os
 import sys
 from pathlib import Path
 
-from llm_scratch.classifier import classify
-from llm_scratch.finetune import CLASSIFIER_LORA, METHODS, FinetuneSettings, compare, finetune, load_run
+from llm_scratch.finetune import METHODS, FinetuneSettings, classify_with_run, compare, finetune
 from llm_scratch.pretrain import PretrainSettings, pretrain
+from llm_scratch.run_folder import explain_error
 
-LORA_OPTIONS = ("rank", "alpha")  # options that go into the run's LoRAConfig, not FinetuneSettings itself
-# flag -> (type, choices or None for a switch; help: {d.NAME} the settings' default, {m.NAME} its module's)
+# flag -> (type, choices, or None for a switch; help: {d.NAME} the settings' default, {m.NAME} its module's)
 SHARED = {
-    "--model-name": (str, "gpt2-small, gpt2-medium, gpt2-large, gpt2-xl or tiny (default {d.model_name})"),
     "--epochs": (int, "default {m.EPOCHS} ({m.QUICK_EPOCHS} in quick mode)"),
     "--lr": (float, "learning rate (default: see {m.__name__})"),
     "--batch-size": (int, "default {d.batch_size}"), "--seed": (int, "default {d.seed}"),
-    "--device": (str, "cpu, cuda or mps (default: the best available)"),
+    "--device": (str, "cpu, cuda, cuda:N or mps (default: the best available)"),
     "--quick": (None, "tiny model, shipped data, no network (also LLM_SCRATCH_QUICK=1)"),
 }
 FINETUNE = {
-    "--method": (METHODS, "default {d.method}"),
-    "--out": (Path, "run folder (default runs/METHOD)"),
-    "--rank": (int, "LoRA rank (default {m.CLASSIFIER_LORA.rank})"),
-    "--alpha": (float, "LoRA alpha; updates scale by alpha / rank (default {m.CLASSIFIER_LORA.alpha:g})"),
+    "--method": (METHODS, "default {d.method}"), "--overwrite": (None, "replace the run already in --out"),
+    "--model-name": (str, "gpt2-small (the default), gpt2-medium, gpt2-large or gpt2-xl"),
+    "--out": (Path, "run folder, written when complete (default runs/METHOD)"),
+    "--rank": (int, "LoRA rank (default {d.lora_config.rank})"),
+    "--alpha": (float, "LoRA alpha; updates scale by alpha / rank (default {d.lora_config.alpha:g})"),
+    "--loraplus-lr-ratio": (float, "LoRA+: B's learning rate over A's, e.g. 16 (lora, dora; default none)"),
     "--bucket": (None, "batch messages of similar length together: less padding, faster epochs"),
     "--data-path": (Path, "a local SMSSpamCollection file or the UCI zip (no download)"),
     "--weights-path": (Path, "a local GPT-2 model.safetensors file (no download)"),
-    "--random-init": (None, "start from random weights instead of pretrained GPT-2 (tests, benchmarks)"),
-    "--compare": (None, "run full, last-block and lora one after the other and compare them"),
+    "--random-init": (None, "random weights instead of pretrained GPT-2"), "--compare": (None, "all methods"),
     "--eval-every": (int, "steps between validation-loss checks (default {d.eval_every})"),
 }
 PRETRAIN = {
-    "--out": (Path, "run folder (default runs/pretrain)"),
+    "--model-name": (str, "tiny (the default), gpt2-small, gpt2-medium, gpt2-large or gpt2-xl"),
+    "--out": (Path, "run folder (default runs/pretrain)"), "--stride": (int, "(default: no overlap)"),
     "--data-path": (Path, "a UTF-8 text file (default: the story that ships with the package)"),
     "--context-length": (int, "window length (default {m.CONTEXT_LENGTH}, quick {m.QUICK_CONTEXT_LENGTH})"),
-    "--stride": (int, "tokens between window starts (default: the context length, no overlap)"),
     "--eval-every": (int, "steps between loss checks (default {m.EVAL_EVERY}, quick {m.QUICK_EVAL_EVERY})"),
     "--sample-prompt": (str, "the text continued after every epoch (default {d.sample_prompt!r})"),
 }
@@ -61,16 +60,12 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     add_command(commands, "finetune", "fine-tune GPT-2 as a spam classifier", FINETUNE, FinetuneSettings())
     add_command(commands, "pretrain", "pretrain a GPT from scratch on a text", PRETRAIN, PretrainSettings())
-    cls = commands.add_parser("classify", help="classify texts with a saved fine-tuning run")
+    cls = commands.add_parser("classify", help="classify texts with a saved fine-tuning run",
+                              usage="%(prog)s [-h] --run RUN [--] texts [texts ...]")  # -- : see texts
     cls.add_argument("--run", type=Path, required=True, help="the folder a finetune run wrote")
-    cls.add_argument("texts", nargs="+", help="one or more messages")
+    cls.add_argument("texts", nargs="+", help="one or more messages; put -- before them if one starts "
+                                              "with '-': classify --run DIR -- '-50%% off today'")
     return parser
-
-
-def settings_from(options: dict) -> FinetuneSettings:
-    """The `FinetuneSettings` of the options given on the command line; the others keep their defaults."""
-    lora = {name: options.pop(name) for name in LORA_OPTIONS if name in options}
-    return FinetuneSettings(**options, lora_config=dataclasses.replace(CLASSIFIER_LORA, **lora))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -78,20 +73,22 @@ def main(argv: list[str] | None = None) -> int:
     options = {k: v for k, v in vars(args).items() if k not in ("command", "compare")}
     try:
         if args.command == "classify":
-            model, run = load_run(args.run)
-            for text in args.texts:
-                label, prob = classify(text, model, labels=tuple(run["labels"]), max_length=run["max_length"])
+            for text, (label, prob) in zip(args.texts, classify_with_run(args.run, args.texts), strict=True):
                 print(f"{label:>4} ({prob:.1%})  {text}")
+            sys.stdout.flush()  # here, so that a closed pipe (`| head -1`) is caught below
         elif args.command == "pretrain":
             pretrain(PretrainSettings(**options))
-        elif getattr(args, "compare", False):
-            given = sys.argv[1:] if argv is None else argv
-            compare(settings_from(options), command=" ".join(["python -m llm_scratch", *given]))
+        elif getattr(args, "compare", False):  # the command line goes under the comparison table
+            command = " ".join(["python -m llm_scratch", *(sys.argv[1:] if argv is None else argv)])
+            compare(FinetuneSettings.from_options(**options), command=command)
         else:
-            finetune(settings_from(options))
-    except (ValueError, FileNotFoundError, RuntimeError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+            finetune(FinetuneSettings.from_options(**options))
+    except BrokenPipeError:  # the reader went away (`| head -1`): stop quietly, as Unix tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        return 141
+    except (ValueError, RuntimeError, OSError, KeyboardInterrupt) as error:  # OSError: a full disk, ...
+        print(f"error: {explain_error(error)}", file=sys.stderr)  # one line, no traceback
+        return 130 if isinstance(error, KeyboardInterrupt) else 2
     return 0
 
 

@@ -68,7 +68,7 @@ PRESETS: dict[str, GPTConfig] = {
 QUICK_ENV = "LLM_SCRATCH_QUICK"  # 1/true/yes/on: tiny model, shipped data, a few steps, no network
 DATA_ENV = "LLM_SCRATCH_DATA"  # the cache folder for downloaded data (default ~/.cache/llm-scratch)
 SMS_URLS_ENV = "LLM_SCRATCH_SMS_URLS"  # comma-separated URLs of the SMS Spam Collection zip, tried in order
-FIGURES_ENV = "LLM_SCRATCH_FIGURES"  # where figures go (default: the project's figures/ folder)
+FIGURES_ENV = "LLM_SCRATCH_FIGURES"  # where figures go (default: runs/figures; `make figures`: figures/)
 RUNS_ENV = "LLM_SCRATCH_RUNS"  # where notebooks write their run files (default: the project's runs/)
 
 
@@ -90,16 +90,23 @@ def sms_urls_from_env() -> list[str]:
 
 
 def _project_dir() -> Path:
-    """The project's root as seen from where Python runs: the parent of `notebooks/` inside a notebook."""
+    """The project's root as seen from where Python runs: the folder above `notebooks/` inside a notebook
+    (also one in `notebooks/solutions/`), else the current folder."""
     cwd = Path.cwd()
+    if cwd.name == "solutions" and cwd.parent.name == "notebooks":
+        return cwd.parent.parent
     return cwd.parent if cwd.name == "notebooks" else cwd
 
 
 def figures_dir() -> Path:
-    """Where figures go: $LLM_SCRATCH_FIGURES if set, else the project's `figures/` folder."""
+    """Where figures go: $LLM_SCRATCH_FIGURES if set, else `figures/` inside `runs_dir()`.
+
+    Running a notebook thus never changes the committed figures in the project's `figures/` folder;
+    `make figures` sets LLM_SCRATCH_FIGURES to regenerate those on purpose.
+    """
     if os.environ.get(FIGURES_ENV):
         return Path(os.environ[FIGURES_ENV]).expanduser()
-    return _project_dir() / "figures"
+    return runs_dir() / "figures"
 
 
 def runs_dir() -> Path:

@@ -1,15 +1,25 @@
-"""Writing files so that a crash or a full disk never leaves half a file behind."""
+"""Files: writing them so that a crash or a full disk never leaves half a file behind, and reading
+safetensors files so that a NaN or an infinity never reaches a model unnoticed."""
 
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+
+def umask() -> int:
+    """The process's umask: the permission bits new files and folders must not have (e.g. 0o022)."""
+    mask = os.umask(0)  # the only way to read it is to set it; set it straight back
+    os.umask(mask)
+    return mask
 
 
 @contextmanager
@@ -17,7 +27,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     """A temporary path beside `path` to write to; it becomes `path` only if the `with` block completes.
 
     An interrupted write leaves the previous file (or none), never a truncated one: the rename at the end
-    is atomic on one file system.
+    is atomic on one file system. The file gets the permissions the umask gives (as `open` would).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -25,6 +35,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     os.close(handle)
     try:
         yield Path(temporary)
+        os.chmod(temporary, 0o666 & ~umask())  # mkstemp makes it private (0600); writers may recreate it
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
@@ -33,7 +44,39 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
 
 def save_safetensors(tensors: dict[str, torch.Tensor], path: str | Path,
                      metadata: dict[str, str] | None = None) -> Path:
-    """Write `tensors` to a safetensors file at `path`, all or nothing."""
+    """Write `tensors` to a safetensors file at `path`, all or nothing; a failed write (a full disk, ...) is
+    an OSError naming `path`."""
     with atomic_path(path) as temporary:
-        save_file(tensors, temporary, metadata)
+        try:
+            save_file(tensors, temporary, metadata)
+        except SafetensorError as error:  # safetensors reports I/O errors as "... (os error 28)"
+            code = re.search(r"os error (\d+)", str(error))
+            if code is None:
+                raise
+            raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(path)) from None
     return Path(path)
+
+
+def require_finite(tensor: torch.Tensor, name: str, where: str | Path, advice: str = "") -> None:
+    """Raise a ValueError naming the tensor and where it is if `tensor` holds a NaN or an infinity."""
+    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        n_bad = int((~torch.isfinite(tensor)).sum())
+        advice = advice or ("the file is damaged or was saved from a run whose training diverged; use "
+                            "another file, or train again")
+        raise ValueError(f"{where}: tensor {name!r} holds {n_bad:,} NaN or infinite values; {advice}")
+
+
+def read_safetensors(path: str | Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """Every tensor of a safetensors file, each checked to be finite; clear errors for a missing or
+    unreadable file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no safetensors file at {path}; check the path")
+    try:
+        tensors = load_file(str(path), device=str(device))
+    except SafetensorError as error:
+        raise ValueError(f"{path} is not a complete safetensors file ({error}); it is damaged or was cut "
+                         "short: write it again") from None
+    for name, tensor in tensors.items():
+        require_finite(tensor, name, path)
+    return tensors

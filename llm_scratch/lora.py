@@ -3,7 +3,7 @@
 LoRA (Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language Models") keeps a pretrained weight W
 frozen and learns a low-rank update delta_W = A @ B next to it: y = x W + scaling * (x A B). With
 A of shape (in_dim, rank) and B of shape (rank, out_dim), a 768 x 768 layer at rank 16 trains 24,576
-numbers instead of 589,824.
+numbers instead of 589,824. `LoRAConfig(use_dora=True)` adds DoRA's trained magnitudes (`llm_scratch.dora`).
 
 The usual recipe (adapter files: `llm_scratch.adapters`):
     config = LoRAConfig(rank=16, alpha=16, modules_to_save=("out_head",))
@@ -18,11 +18,13 @@ The usual recipe (adapter files: `llm_scratch.adapters`):
 from __future__ import annotations
 
 import math
+from collections import Counter
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from llm_scratch.dora import DoRAMagnitude
 from llm_scratch.model import count_parameters
 
 # Named groups of layers for `target_modules`; the names are those of llm_scratch.model and .attention.
@@ -46,6 +48,7 @@ class LoRAConfig:
     alpha: float = 16.0  # the update is scaled by alpha / rank (rsLoRA: alpha / sqrt(rank))
     dropout: float = 0.0  # dropout on the LoRA branch's input
     use_rslora: bool = False  # rank-stabilized scaling (Kalajdzievski 2023)
+    use_dora: bool = False  # DoRA (Liu et al. 2024): a trained magnitude per output feature, llm_scratch.dora
     # Which Linear layers get LoRA: groups ("all", "attention", "feedforward"), full names
     # ("blocks.11.ff.fc2") or name endings ("out_proj", "att.W_value").
     target_modules: tuple[str, ...] = (ALL_TARGETS,)
@@ -60,8 +63,9 @@ class LoRAConfig:
                              "alpha = rank)")
         if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
             raise ValueError(f"LoRA dropout must be in [0, 1), got {dropout!r}")
-        if not isinstance(self.use_rslora, bool):
-            raise ValueError(f"use_rslora must be True or False, got {self.use_rslora!r}")
+        for flag in ("use_rslora", "use_dora"):
+            if not isinstance(getattr(self, flag), bool):
+                raise ValueError(f"{flag} must be True or False, got {getattr(self, flag)!r}")
         for name in ("target_modules", "modules_to_save"):
             value = getattr(self, name)
             names = (value,) if isinstance(value, str) else tuple(value)
@@ -85,18 +89,9 @@ class LoRALayer(nn.Module):
     rate; dividing by the rank cancels that growth (notebook 04 measures it).
     """
 
-    def __init__(
-        self,
-        in_dim: int,
-        out_dim: int,
-        rank: int,
-        alpha: float,
-        dropout: float = 0.0,
-        use_rslora: bool = False,
-        *,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
-    ) -> None:
+    def __init__(self, in_dim: int, out_dim: int, rank: int, alpha: float, dropout: float = 0.0,
+                 use_rslora: bool = False, *, device: torch.device | str | None = None,
+                 dtype: torch.dtype | None = None) -> None:
         super().__init__()
         config = LoRAConfig(rank, alpha, dropout, use_rslora)  # checks the numbers
         self.rank = rank
@@ -129,15 +124,15 @@ class LoRALayer(nn.Module):
 
 
 class LinearWithLoRA(nn.Module):
-    """An `nn.Linear` (to be frozen by `mark_only_lora_trainable`) plus a `LoRALayer`: linear(x) + lora(x).
+    """An `nn.Linear` (to be frozen by `mark_only_lora_trainable`) plus a `LoRALayer`: linear(x) + lora(x);
+    with `use_dora`, also DoRA's `magnitude`, which rescales every output feature (`llm_scratch.dora`).
 
     `merge()` folds the update into the linear's weight (no extra cost at inference) and `unmerge()` takes
     it out again. Merging is explicit: `model.eval()` does not merge.
     """
 
-    def __init__(
-        self, linear: nn.Linear, rank: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False
-    ) -> None:
+    def __init__(self, linear: nn.Linear, rank: int, alpha: float, dropout: float = 0.0,
+                 use_rslora: bool = False, use_dora: bool = False) -> None:
         super().__init__()
         if isinstance(linear, LinearWithLoRA):
             raise ValueError("this layer already has LoRA; wrap the plain nn.Linear only once")
@@ -145,15 +140,16 @@ class LinearWithLoRA(nn.Module):
             raise ValueError(f"LinearWithLoRA wraps an nn.Linear, got {type(linear).__name__}")
         self.linear = linear
         # Created on the linear's device and dtype, so a meta-device model stays on meta (instant counts).
-        self.lora = LoRALayer(
-            linear.in_features, linear.out_features, rank, alpha, dropout, use_rslora,
-            device=linear.weight.device, dtype=linear.weight.dtype,
-        )
+        self.lora = LoRALayer(linear.in_features, linear.out_features, rank, alpha, dropout, use_rslora,
+                              device=linear.weight.device, dtype=linear.weight.dtype)
+        self.magnitude = DoRAMagnitude(linear.weight) if use_dora else None  # m, one per output feature
         self.merged = False  # True while the update sits inside linear.weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:
             return self.linear(x)  # (..., out_dim): the update is already in the weight
+        if self.magnitude is not None:
+            return self.magnitude(x, self.linear, self.lora)  # DoRA: m / ||W + delta|| * x (W + delta)^T + b
         # linear(x) + lora(x), added in place: the linear layer's backward never needs its own output, and
         # not allocating a third (..., out_dim) tensor per layer cuts LoRA's peak training memory on a CPU
         # by about a fifth (benchmarks/RESULTS.md).
@@ -161,16 +157,22 @@ class LinearWithLoRA(nn.Module):
 
     @torch.no_grad()
     def merge(self) -> None:
-        """W <- W + scaling * (A @ B)^T, in place. Does nothing if already merged (never merges twice)."""
+        """W <- W + scaling * (A @ B)^T (DoRA: m * that / its row norms), in place. Never merges twice."""
         if not self.merged:
-            self.linear.weight += self.lora.delta_weight().T.to(self.linear.weight.dtype)  # (out, in)
+            if self.magnitude is not None:
+                self.linear.weight.copy_(self.magnitude.merged_weight(self.linear, self.lora))  # (out, in)
+            else:
+                self.linear.weight += self.lora.delta_weight().T.to(self.linear.weight.dtype)  # (out, in)
             self.merged = True
 
     @torch.no_grad()
     def unmerge(self) -> None:
         """Take the update out of the weight again (before more training). Does nothing if not merged."""
         if self.merged:
-            self.linear.weight -= self.lora.delta_weight().T.to(self.linear.weight.dtype)  # (out, in)
+            if self.magnitude is not None:
+                self.linear.weight.copy_(self.magnitude.unmerged_weight(self.linear, self.lora))  # (out, in)
+            else:
+                self.linear.weight -= self.lora.delta_weight().T.to(self.linear.weight.dtype)  # (out, in)
             self.merged = False
 
 
@@ -190,10 +192,8 @@ def _matches(name: str, targets: tuple[str, ...]) -> bool:
 
 def _shared_weights(model: nn.Module) -> set[int]:
     """ids of the parameters that more than one module holds (e.g. the tied embedding and output head)."""
-    seen: dict[int, int] = {}
-    for _, param in model.named_parameters(remove_duplicate=False):
-        seen[id(param)] = seen.get(id(param), 0) + 1
-    return {key for key, count in seen.items() if count > 1}
+    holders = Counter(id(param) for _, param in model.named_parameters(remove_duplicate=False))
+    return {key for key, count in holders.items() if count > 1}
 
 
 def find_lora_targets(model: nn.Module, config: LoRAConfig) -> list[str]:
@@ -208,10 +208,9 @@ def find_lora_targets(model: nn.Module, config: LoRAConfig) -> list[str]:
             if _matches(name, wanted):
                 found.append(name)
     if already:
-        raise ValueError(
-            f"{len(already)} of the selected layers already have LoRA (e.g. {already[0]!r}); a layer is "
-            "wrapped only once. Use a fresh model, pick other targets, or call merge_lora(model) first."
-        )
+        raise ValueError(f"{len(already)} of the selected layers already have LoRA (e.g. {already[0]!r}); a "
+                         "layer is wrapped only once. Use a fresh model, pick other targets, or call "
+                         "merge_lora(model) first.")
     if not found:
         linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
         shown = ", ".join(linears[:8]) + (", ..." if len(linears) > 8 else "") if linears else "none"
@@ -237,11 +236,9 @@ def replace_linear_with_lora(model: nn.Module, config: LoRAConfig) -> list[str]:
     shared = _shared_weights(model)
     for name in selected:
         if id(model.get_submodule(name).weight) in shared:
-            raise ValueError(
-                f"{name!r} shares its weight with another layer (GPT-2 ties out_head to tok_emb), so "
-                "merging LoRA into it would change both. Replace the head with a new nn.Linear first, or "
-                "leave it out of the targets."
-            )
+            raise ValueError(f"{name!r} shares its weight with another layer (GPT-2 ties out_head to "
+                             "tok_emb), so merging LoRA into it would change both. Replace the head with a "
+                             "new nn.Linear first, or leave it out of the targets.")
     chosen = set(selected)
     replaced: list[str] = []
 
@@ -249,7 +246,8 @@ def replace_linear_with_lora(model: nn.Module, config: LoRAConfig) -> list[str]:
         for child_name, child in module.named_children():
             full_name = prefix + child_name
             if full_name in chosen:
-                wrapped = LinearWithLoRA(child, config.rank, config.alpha, config.dropout, config.use_rslora)
+                wrapped = LinearWithLoRA(child, config.rank, config.alpha, config.dropout, config.use_rslora,
+                                         config.use_dora)
                 setattr(module, child_name, wrapped)
                 replaced.append(full_name)
             elif not isinstance(child, LinearWithLoRA):
@@ -266,8 +264,7 @@ def lora_layers(model: nn.Module) -> dict[str, LinearWithLoRA]:
 
 def freeze(model: nn.Module) -> None:
     """Make every parameter of `model` untrainable (requires_grad=False)."""
-    for param in model.parameters():
-        param.requires_grad_(False)
+    model.requires_grad_(False)
 
 
 def submodule(model: nn.Module, name: str) -> nn.Module:
@@ -280,7 +277,7 @@ def submodule(model: nn.Module, name: str) -> nn.Module:
 
 
 def mark_only_lora_trainable(model: nn.Module, config: LoRAConfig) -> None:
-    """Freeze everything, then make the LoRA A and B trainable, plus `config.modules_to_save`.
+    """Freeze everything, then make the LoRA A and B (and DoRA's m) trainable, plus `config.modules_to_save`.
 
     `modules_to_save` names whole modules that must learn too, e.g. ("out_head",) for a new head.
     """
@@ -290,7 +287,8 @@ def mark_only_lora_trainable(model: nn.Module, config: LoRAConfig) -> None:
     extra = [submodule(model, name) for name in config.modules_to_save]  # check all before changing any
     freeze(model)
     for layer in layers.values():
-        layer.lora.requires_grad_(True)
+        layer.requires_grad_(True)  # A, B and DoRA's magnitude, ...
+        layer.linear.requires_grad_(False)  # ... not the pretrained weight they adapt
     for module in extra:
         module.requires_grad_(True)
 
@@ -302,11 +300,12 @@ class ParameterSummary:
     trainable: int  # parameters the optimizer will update
     total: int  # every parameter, LoRA's A and B included
     lora: int  # the A and B matrices alone
+    magnitude: int = 0  # DoRA's magnitude vectors: one number per output feature of each LoRA layer
 
     @property
     def base(self) -> int:
-        """The model without its LoRA matrices: what full fine-tuning would train."""
-        return self.total - self.lora
+        """The model without its LoRA matrices and magnitudes: what full fine-tuning would train."""
+        return self.total - self.lora - self.magnitude
 
     @property
     def percent(self) -> float:
@@ -321,9 +320,11 @@ def parameter_summary(model: nn.Module, *, verbose: bool = True) -> ParameterSum
 
     The "of" is the model without its LoRA matrices, so the percentage compares with full fine-tuning.
     """
-    lora = sum(p.numel() for layer in lora_layers(model).values() for p in layer.lora.parameters())
+    layers = lora_layers(model).values()
     summary = ParameterSummary(
-        trainable=count_parameters(model, trainable_only=True), total=count_parameters(model), lora=lora
+        trainable=count_parameters(model, trainable_only=True), total=count_parameters(model),
+        lora=sum(p.numel() for layer in layers for p in layer.lora.parameters()),
+        magnitude=sum(layer.magnitude.m.numel() for layer in layers if layer.magnitude is not None),
     )
     if verbose:
         print(summary)

@@ -1,4 +1,4 @@
-"""The project's figures, all in one style, saved under `figures/`."""
+"""The project's figures, all in one style, saved under `config.figures_dir()` (default `runs/figures/`)."""
 
 from __future__ import annotations
 
@@ -81,18 +81,24 @@ def plot_accuracy(history, title: str = ""):
 
 
 def plot_comparison(results: dict[str, dict], title: str = ""):
-    """Bars per method: trainable parameters (log scale), test accuracy and training time."""
+    """Bars per method: trainable parameters (log scale), test accuracy with its 95% interval (the
+    `test_accuracy_interval` of each result) and training time."""
     methods = list(results)
     colors = [COLORS.get(m, "gray") for m in methods]
     fig, axes = new_figure(1, 3, figsize=(11, 3.6))
+    accuracies = [100 * results[m]["test_accuracy"] for m in methods]
+    intervals = [[100 * bound for bound in results[m]["test_accuracy_interval"]] for m in methods]
+    below_above = [[acc - low for acc, (low, _) in zip(accuracies, intervals, strict=True)],
+                   [high - acc for acc, (_, high) in zip(accuracies, intervals, strict=True)]]
     panels = [
-        ("trainable parameters", [results[m]["trainable_parameters"] for m in methods], "{:,.0f}"),
-        ("test accuracy (%)", [100 * results[m]["test_accuracy"] for m in methods], "{:.1f}"),
-        ("training time (s)", [results[m]["train_time_s"] for m in methods], "{:.0f}"),
+        ("trainable parameters", [results[m]["trainable_parameters"] for m in methods], "{:,.0f}", None),
+        ("test accuracy (%), 95% interval", accuracies, "{:.1f}", below_above),
+        ("training time (s)", [results[m]["train_time_s"] for m in methods], "{:.0f}", None),
     ]
-    for ax, (label, values, fmt) in zip(axes, panels, strict=True):
-        bars = ax.bar(methods, values, color=colors)
-        ax.bar_label(bars, labels=[fmt.format(v) for v in values], fontsize=8)
+    for ax, (label, values, fmt, errors) in zip(axes, panels, strict=True):
+        bars = ax.bar(methods, values, color=colors, yerr=errors, capsize=4 if errors else 0)
+        ax.bar_label(bars, labels=[fmt.format(v) for v in values], fontsize=8,
+                     label_type="center" if errors else "edge")  # error bars sit on the edge
         ax.set_title(label)
         ax.grid(axis="x", visible=False)
     axes[0].set_yscale("log")

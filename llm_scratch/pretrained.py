@@ -26,7 +26,7 @@ from llm_scratch.checkpoint import (
     read_checkpoint_header,
 )
 from llm_scratch.config import PRESETS, GPTConfig, pick_device
-from llm_scratch.files import save_safetensors
+from llm_scratch.files import require_finite, save_safetensors
 from llm_scratch.model import GPTModel
 
 # The four sizes OpenAI released, as Hugging Face hosts them (safetensors files, no TensorFlow needed).
@@ -73,7 +73,8 @@ def load_gpt2(
 
     Without `weights_path`: downloads (once, then cached) the Hugging Face file of `model_name` (default
     "gpt2-small"). With `weights_path`: reads that file; `model_name` (any preset) is then optional, and if
-    given, is checked against the file. Every tensor is checked before anything is built (ValueError).
+    given, is checked against the file. Every tensor is checked before anything is built (ValueError): names,
+    shapes, no NaN or infinity. Half-precision files (float16 or bfloat16 copies of GPT-2) load as float32.
     """
     device = pick_device(str(device))  # a clear error now for a device this machine lacks
     if weights_path is None:
@@ -100,11 +101,11 @@ def load_gpt2(
     for _, rules in itertools.groupby(gpt2_mapping(cfg), key=lambda rule: block_of(rule.hf_key)):
         with safe_open(path, framework="pt") as f:
             for rule in rules:
-                ours = hf_to_ours(rule, f.get_tensor(file_key[rule.hf_key]))
+                ours = hf_to_ours(rule, _as_float32(f.get_tensor(file_key[rule.hf_key]), rule.hf_key, path))
                 state.update({key: tensor.to(device) for key, tensor in ours.items()})
     if "lm_head.weight" in shapes:  # a stored copy of the tied head: it must equal the token embedding
         with safe_open(path, framework="pt") as f:
-            lm_head = f.get_tensor(file_key["lm_head.weight"])
+            lm_head = _as_float32(f.get_tensor(file_key["lm_head.weight"]), "lm_head.weight", path)
         if not torch.equal(lm_head.to(device), state["tok_emb.weight"]):
             raise ValueError(f"{path}: lm_head.weight differs from wte.weight, but GPT-2's output head is "
                              "tied to its token embedding (as GPTModel's is); this is not a GPT-2 checkpoint")
@@ -118,6 +119,17 @@ def load_gpt2(
     model.load_state_dict(state, strict=True, assign=True)
     model.out_head.weight = model.tok_emb.weight  # assign=True made two Parameters; tie them again
     return model.eval()
+
+
+def _as_float32(tensor: torch.Tensor, name: str, path: Path) -> torch.Tensor:
+    """A checkpoint tensor as float32, which the model computes in: half-precision copies (float16,
+    bfloat16) convert exactly; integers are refused, and so are NaN and infinity."""
+    if not tensor.is_floating_point():
+        raise ValueError(f"{path}: tensor {name!r} holds {tensor.dtype} values, not weights; this is not a "
+                         "GPT-2 checkpoint (a quantized one cannot be loaded here)")
+    tensor = tensor.float()  # every float16 and bfloat16 value is exactly a float32 value
+    require_finite(tensor, name, path)
+    return tensor
 
 
 def save_gpt2_safetensors(model: GPTModel, path: str | Path, *, hf_config: bool = False) -> Path:

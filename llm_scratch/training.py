@@ -6,6 +6,7 @@ optionally `evaluate_fn(model, loader, max_batches) -> {"loss": ..., other metri
 
 from __future__ import annotations
 
+import math
 import os
 import resource
 import sys
@@ -22,6 +23,10 @@ from tqdm.auto import tqdm
 from llm_scratch.config import pick_device
 from llm_scratch.model import eval_mode
 
+# What usually makes a loss NaN or infinite, for the error that stops training.
+NON_FINITE_CAUSES = ("Likely causes: a learning rate too large (try one 10 times smaller), NaN or infinity "
+                     "in the starting weights, half-precision (float16) weights or computation, or a LoRA "
+                     "alpha too large.")
 LossFn = Callable[[nn.Module, object], torch.Tensor]  # (model, batch) -> the batch's mean loss
 EvaluateFn = Callable[[nn.Module, DataLoader, "int | None"], dict[str, float]]
 
@@ -123,13 +128,15 @@ def train(
     device: str | torch.device | None = None,
     progress: bool = True,
     on_epoch_end: Callable[[int, nn.Module], None] | None = None,
+    param_groups: list[dict] | None = None,
 ) -> History:
     """Train every parameter with `requires_grad` by AdamW on `loss_fn`; return the History.
 
     `evaluate_fn` (default: the mean of `loss_fn`) measures a loader; `count_fn(batch)` says how many
     `unit`s a batch holds. Every `eval_every` steps the loss on `eval_batches` training and validation
     batches is recorded; after each epoch every metric on `eval_batches` training batches and on the whole
-    validation set, then `on_epoch_end(epoch, model)` runs (e.g. to print a sample).
+    validation set, then `on_epoch_end(epoch, model)` runs (e.g. to print a sample). `param_groups`: AdamW
+    groups with their own learning rates (e.g. LoRA+'s), holding every trainable parameter once.
     """
     if epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {epochs}")
@@ -147,7 +154,15 @@ def train(
     device = device if isinstance(device, torch.device) else pick_device(device)
     torch.manual_seed(seed)
     model.to(device)
-    optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=weight_decay)
+    if param_groups is None:
+        optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=weight_decay)
+    else:
+        grouped = [param for group in param_groups for param in group["params"]]
+        if len(grouped) != len(trainable) or {id(p) for p in grouped} != {id(p) for p in trainable}:
+            raise ValueError(f"param_groups must hold every trainable parameter once and nothing else; they "
+                             f"hold {len(grouped)} tensors, the model has {len(trainable)} trainable")
+        # Copies of the groups: AdamW writes its defaults into the dicts it is given.
+        optimizer = torch.optim.AdamW([dict(g) for g in param_groups], lr=lr, weight_decay=weight_decay)
     history = History(unit=unit, device=str(device))
     seen, step = 0, 0
     start = time.perf_counter()
@@ -161,6 +176,9 @@ def train(
             for batch in bar:
                 optimizer.zero_grad(set_to_none=True)
                 loss = loss_fn(model, batch)
+                if not math.isfinite(loss.item()):  # stop at once: every later step would be garbage
+                    raise RuntimeError(f"the training loss is {loss.item()} at step {step + 1} (epoch "
+                                       f"{epoch}); training stopped. {NON_FINITE_CAUSES}")
                 loss.backward()
                 optimizer.step()
                 seen += count_fn(batch)

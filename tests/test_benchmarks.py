@@ -7,6 +7,8 @@ import math
 import statistics
 from pathlib import Path
 
+import pytest
+
 from llm_scratch import PRESETS, get_tokenizer
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
@@ -32,8 +34,8 @@ def markdown_rows(text: str) -> dict[str, list[str]]:
 
 def test_bench_finetune_smoke(capsys, monkeypatch):
     bench = load_script("bench_finetune", monkeypatch)
-    results = bench.main(["--smoke"])  # tiny shape, batch 8 x 16 tokens, LoRA rank 16, fixed padding to 32
-    batch_size, rank, fixed_pad = 8, 16, 32
+    results = bench.main(["--smoke"])  # tiny shape, batch 8 x 16 tokens, LoRA rank 16, fixed padding to 256
+    batch_size, rank, fixed_pad = 8, 16, 256  # 256: the tiny preset's context, as long as any message gets
     rows = markdown_rows(capsys.readouterr().out)
     step, memory, tokens, epoch = (results[key] for key in ("step_s", "peak_mb", "epoch_tokens", "epoch_s"))
 
@@ -68,25 +70,53 @@ def test_bench_finetune_smoke(capsys, monkeypatch):
     # Random batches pad to their longest message: no fewer tokens than sorted batches, no more than the
     # longest message everywhere.
     assert tokens["length-bucketed batches"] <= tokens["dynamic padding"] <= max(lengths) * len(lengths)
-    assert max(lengths) < fixed_pad  # so dynamic padding computes fewer tokens than fixed padding
+    assert max(lengths) <= fixed_pad and tokens["dynamic padding"] < tokens[fixed]
     for name, seconds in epoch.items():
         assert rows[name] == [f"{seconds:.1f} s", f"{tokens[name]:,}", f"{epoch[fixed] / seconds:.2f}x"], name
 
-    # Trainable parameters of the tiny shape: GPT-2's and LoRA's formulas (A: in x rank, B: rank x out).
-    d, n_layers, n_classes = cfg.emb_dim, cfg.n_layers, 2
+    expected = expected_trainable("tiny", rank)  # Hugging Face's model is ours but for the head's bias
+    assert results["trainable"] == {name: expected[name] for name in bench.MODELS}
+
+
+def expected_trainable(preset: str, rank: int, n_classes: int = 2) -> dict[str, int]:
+    """Trainable parameters of each benchmark model, from GPT-2's and LoRA's formulas (A: in x rank, B: rank x
+    out; DoRA: one magnitude per output feature of each wrapped layer)."""
+    cfg = PRESETS[preset]
+    d, n_layers = cfg.emb_dim, cfg.n_layers
     ours_linears = [(d, d)] * 4 + [(d, 4 * d), (4 * d, d)]  # W_query, W_key, W_value, out_proj, fc1, fc2
     hf_linears = [(d, 3 * d), (d, d), (d, 4 * d), (4 * d, d)]  # c_attn (q, k, v fused), c_proj, c_fc, c_proj
     block = sum(n_in * n_out + n_out for n_in, n_out in ours_linears) + 2 * 2 * d  # + two LayerNorms
     body = (cfg.vocab_size + cfg.context_length) * d + n_layers * block + 2 * d  # embeddings, blocks, norm
-    lora = {name: n_layers * sum(rank * (n_in + n_out) for n_in, n_out in linears)
-            for name, linears in (("ours", ours_linears), ("hf", hf_linears))}
     ours_head, hf_head = d * n_classes + n_classes, d * n_classes  # Hugging Face's score has no bias
-    assert results["trainable"] == {
-        "ours full": body + ours_head,
-        "hf full": body + hf_head,  # the same model, but for the head's bias
-        "ours lora": lora["ours"] + ours_head,
-        "hf+peft lora": lora["hf"] + hf_head,
-    }
+    counts = {"ours full": body + ours_head, "hf full": body + hf_head}  # the same model but the head's bias
+    for name, linears, head in (("ours", ours_linears, ours_head), ("hf+peft", hf_linears, hf_head)):
+        lora = n_layers * sum(rank * (n_in + n_out) for n_in, n_out in linears)
+        magnitudes = n_layers * sum(n_out for _, n_out in linears)
+        counts[f"{name} lora"], counts[f"{name} dora"] = lora + head, lora + magnitudes + head
+    return counts
+
+
+def test_bench_dora_smoke(capsys, monkeypatch):
+    bench = load_script("bench_dora", monkeypatch)
+    results = bench.main(["--smoke"])  # tiny shape, batch 8 x 16 tokens, rank 16, LoRA+ ratio 16
+    rows = markdown_rows(capsys.readouterr().out)
+    step, memory = results["step_s"], results["peak_mb"]
+    assert list(step) == list(bench.MODELS)
+    for name in bench.MODELS:
+        shown = f"{memory[name]:,.0f} MB" if name in memory else "-"
+        assert rows[name] == [f"{step[name]:.3f} s", shown], name
+    # Each step-time ratio is the median over the rounds of the two steps' ratio in that round.
+    times = results["step_times"]
+    assert all(len(t) == 2 for t in times.values())  # smoke mode: two rounds after one warm-up
+    assert step == {name: statistics.median(t) for name, t in times.items()}
+    for row, (top, bottom) in bench.RATIOS.items():
+        paired = statistics.median(a / b for a, b in zip(times[top], times[bottom], strict=True))
+        assert rows[f"{row} (step time, median of per-round ratios)"] == [f"{paired:.2f}"], row
+    memory_row = rows["ours DoRA / HF + PEFT DoRA (peak memory)"]
+    assert memory_row == [f"{memory['ours dora'] / memory['hf+peft dora']:.2f}"]
+    expected = expected_trainable("tiny", rank=16)
+    assert results["trainable"] == {name: expected[name.removesuffix("+")] for name in bench.MODELS}
+    assert results["loraplus_lrs"] == pytest.approx([1e-5, 16e-5])  # A, B (1-D tensors too)
 
 
 def test_bench_pretrain_smoke(capsys, monkeypatch):

@@ -9,8 +9,10 @@ from llm_scratch.classifier import (
     add_classification_head,
     classify,
     evaluate,
+    format_accuracy,
     last_token_logits,
     train_classifier,
+    wilson_interval,
 )
 from llm_scratch.data import SpamDataset, collate_spam, load_sample, load_spam_splits, spam_dataloaders
 from llm_scratch.finetune import prepare_for_method
@@ -145,3 +147,31 @@ def test_accuracy_counts_correct_predictions():
             correct += int((predicted == batch.labels).sum())
             seen += len(batch.labels)
     assert accuracy(model, loaders.validation) == correct / seen
+
+
+@pytest.mark.parametrize(
+    ("successes", "total", "low", "high"),
+    # Newcombe (1998), Statistics in Medicine 17:857-872, Table II, method 3 (Wilson score, no continuity
+    # correction): worked by hand there, independently of this code.
+    [(81, 263, 0.2553, 0.3662), (15, 148, 0.0624, 0.1605), (0, 20, 0.0, 0.1611), (1, 29, 0.0061, 0.1718)],
+)
+def test_wilson_interval_matches_the_published_examples(successes, total, low, high):
+    interval = wilson_interval(successes, total)
+    assert interval == pytest.approx((low, high), abs=5e-5)
+
+
+def test_wilson_interval_edges_and_errors():
+    assert wilson_interval(20, 20)[1] == 1.0 and wilson_interval(0, 20)[0] == 0.0
+    narrow, wide = wilson_interval(288, 300, confidence=0.5), wilson_interval(288, 300, confidence=0.99)
+    assert wide[0] < narrow[0] < 0.96 < narrow[1] < wide[1]
+    for bad in [(3, 2), (-1, 5), (0, 0)]:
+        with pytest.raises(ValueError, match="successes <= total"):
+            wilson_interval(*bad)
+    with pytest.raises(ValueError, match="confidence"):
+        wilson_interval(1, 2, confidence=95)
+
+
+def test_format_accuracy_prints_one_decimal_and_the_interval():
+    assert format_accuracy(288 / 300, 300) == "96.0% (95% CI 93.1-97.7%)"
+    with pytest.raises(ValueError, match="not a share of 300"):
+        format_accuracy(0.9612, 300)

@@ -10,7 +10,8 @@ import sys
 
 import pytest
 
-from llm_scratch.cli import build_parser, main, settings_from
+from llm_scratch.classifier import format_accuracy
+from llm_scratch.cli import build_parser, main
 from llm_scratch.finetune import FinetuneSettings
 from llm_scratch.lora import LoRAConfig
 from llm_scratch.pretrain import PretrainSettings
@@ -33,6 +34,10 @@ def test_quick_lora_finetune_then_classify(tmp_path):
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["method"] == "lora" and metrics["quick"]
     assert metrics["train_accuracy"] >= 0.9
+    for split, size in [("train", 350), ("validation", 50), ("test", 100)]:  # the shipped subset's splits
+        low, high = metrics[f"{split}_accuracy_interval"]
+        assert metrics[f"{split}_examples"] == size and low <= metrics[f"{split}_accuracy"] <= high
+        assert f"{split} {format_accuracy(metrics[f'{split}_accuracy'], size)}" in result.stdout
     assert metrics["trainable_parameters"] < 0.05 * metrics["total_parameters"]
     assert metrics["saved_file_mb"] < 1.0 and metrics["train_time_s"] > 0
     losses = metrics["history"]["step_loss"]
@@ -53,6 +58,8 @@ def test_quick_compare_writes_a_table_and_a_chart(tmp_path, monkeypatch):
     table = (out / "comparison.md").read_text()
     for method in ("full", "last-block", "lora"):
         assert f"| {method} |" in table
+        test = json.loads((out / method / "metrics.json").read_text())
+        assert format_accuracy(test["test_accuracy"], test["test_examples"]) in table  # with its interval
         assert (out / method / "metrics.json").is_file()
     assert (out / "comparison.png").is_file()
     sizes = {m: json.loads((out / m / "metrics.json").read_text())["trainable_parameters"]
@@ -75,20 +82,22 @@ def test_unknown_method_is_refused_with_the_choices(capsys):
 def test_options_left_out_keep_the_library_defaults_and_given_ones_are_honoured(tmp_path):
     parse = build_parser().parse_args
     options = {k: v for k, v in vars(parse(["finetune"])).items() if k != "command"}
-    assert settings_from(options) == FinetuneSettings()  # every default is written once, in the dataclass
+    assert FinetuneSettings.from_options(**options) == FinetuneSettings()  # defaults live in the dataclass
 
-    given = ["finetune", "--method", "full", "--model-name", "gpt2-medium", "--epochs", "0", "--lr", "0",
+    given = ["finetune", "--method", "full", "--model-name", "gpt2-medium", "--epochs", "1", "--lr", "1e-3",
              "--rank", "4", "--alpha", "8", "--batch-size", "2", "--seed", "7", "--eval-every", "3",
              "--data-path", str(tmp_path / "sms"), "--weights-path", str(tmp_path / "w.safetensors"),
-             "--out", str(tmp_path / "run"), "--bucket", "--quick", "--random-init", "--no-progress",
+             "--out", str(tmp_path / "run"), "--overwrite", "--bucket", "--quick", "--no-progress",
              "--device", "cpu"]
     options = {k: v for k, v in vars(parse(given)).items() if k not in ("command", "compare")}
-    settings = settings_from(options)
+    settings = FinetuneSettings.from_options(**options)
     assert settings == FinetuneSettings(
-        method="full", model_name="gpt2-medium", epochs=0, lr=0.0, batch_size=2, seed=7, eval_every=3,
+        method="full", model_name="gpt2-medium", epochs=1, lr=1e-3, batch_size=2, seed=7, eval_every=3,
         lora_config=LoRAConfig(rank=4, alpha=8.0, modules_to_save=("out_head",)),
         data_path=tmp_path / "sms", weights_path=tmp_path / "w.safetensors", out=tmp_path / "run",
-        bucket=True, quick=True, random_init=True, progress=False, device="cpu")
+        overwrite=True, bucket=True, quick=True, progress=False, device="cpu")
+    # --random-init, left out above, contradicts --weights-path (refused, see tests/test_bad_input.py)
+    assert FinetuneSettings.from_options(random_init=True).random_init
 
 
 def test_pretrain_options_left_out_keep_the_library_defaults_and_given_ones_are_honoured(tmp_path):

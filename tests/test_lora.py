@@ -430,44 +430,60 @@ def test_load_errors_keys_shapes_and_metadata(adapter: Path, tmp_path: Path):
 # ---------------------------------------------------------------- against Hugging Face PEFT
 
 
-@pytest.mark.parametrize("use_rslora", [False, True], ids=["lora", "rslora"])
-def test_matches_peft_merged_and_unmerged(use_rslora: bool, tmp_path: Path):
+# The layers that map one to one between Hugging Face's GPT-2 and ours (c_attn holds q, k, v side by side).
+OURS_OF = {"attn.c_proj": "att.out_proj", "mlp.c_fc": "ff.fc1", "mlp.c_proj": "ff.fc2"}
+
+
+def hf_and_ours(tmp_path: Path, **hf_config):
+    """A tiny random Hugging Face GPT2LMHeadModel and our GPTModel with the same weights (our own loader)."""
     transformers = pytest.importorskip("transformers")
-    peft = pytest.importorskip("peft")
     from llm_scratch.pretrained import load_gpt2
 
-    # The same random weights in Hugging Face's GPT-2 and in ours, through the project's own loader.
     torch.manual_seed(0)
-    hf_config = transformers.GPT2Config(n_layer=2, n_head=4, n_embd=64, n_positions=128, vocab_size=50257)
-    hf = transformers.GPT2LMHeadModel(hf_config).float().eval()
+    shape = {"n_layer": 2, "n_head": 4, "n_embd": 64, "n_positions": 128, "vocab_size": 50257}
+    config = transformers.GPT2Config(**{**shape, **hf_config})
+    hf = transformers.GPT2LMHeadModel(config).float().eval()
     hf.save_pretrained(tmp_path, safe_serialization=True)
-    ours = load_gpt2(weights_path=tmp_path / "model.safetensors").float().eval()
+    return hf, load_gpt2(weights_path=tmp_path / "model.safetensors").float().eval()
 
-    # The layers that map one to one (c_attn holds q, k, v side by side, so it is left out).
-    config = peft.LoraConfig(r=8, lora_alpha=16, target_modules=["attn.c_proj", "mlp.c_fc", "mlp.c_proj"],
-                             init_lora_weights=False, fan_in_fan_out=True, use_rslora=use_rslora,
-                             lora_dropout=0.0)
+
+def peft_and_ours(tmp_path: Path, rank: int = 8, alpha: float = 16, dropout: float = 0.0,
+                  use_rslora: bool = False, use_dora: bool = False, **hf_config):
+    """PEFT's LoRA (or DoRA) and ours on the same three layers of every block, with the same A, B (random,
+    not zero) and DoRA magnitudes (moved away from their start, so that they matter)."""
+    peft = pytest.importorskip("peft")
+    hf, ours = hf_and_ours(tmp_path, **hf_config)
+    config = peft.LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(OURS_OF), init_lora_weights=False,
+                             fan_in_fan_out=True, use_rslora=use_rslora, use_dora=use_dora,
+                             lora_dropout=dropout)
     hf_lora = peft.get_peft_model(hf, config).eval()
-    ours_config = LoRAConfig(rank=8, alpha=16, target_modules=("out_proj", "fc1", "fc2"),
-                             use_rslora=use_rslora)
-    names = replace_linear_with_lora(ours, ours_config)
-    assert len(names) == 6
-
-    ours_of = {"attn.c_proj": "att.out_proj", "mlp.c_fc": "ff.fc1", "mlp.c_proj": "ff.fc2"}
-    copied = 0
+    ours_config = LoRAConfig(rank=rank, alpha=alpha, dropout=dropout, target_modules=tuple(OURS_OF.values()),
+                             use_rslora=use_rslora, use_dora=use_dora)
+    assert len(replace_linear_with_lora(ours, ours_config)) == 6
+    pairs = []  # (PEFT's layer, ours)
+    generator = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for name, module in hf_lora.named_modules():
-            if not hasattr(module, "lora_A") or "default" not in getattr(module, "lora_A", {}):
+            if "default" not in getattr(module, "lora_A", {}):
                 continue
             i = int(name.split(".h.")[1].split(".")[0])
-            suffix = ".".join(name.split(".")[-2:])
-            layer = ours.get_submodule(f"blocks.{i}.{ours_of[suffix]}").lora
-            assert module.scaling["default"] == layer.scaling
-            layer.A.copy_(module.lora_A["default"].weight.T)  # PEFT (rank, in) -> ours (in, rank)
-            layer.B.copy_(module.lora_B["default"].weight.T)  # PEFT (out, rank) -> ours (rank, out)
-            copied += 1
-    assert copied == 6
+            layer = ours.get_submodule(f"blocks.{i}.{OURS_OF['.'.join(name.split('.')[-2:])]}")
+            assert module.scaling["default"] == layer.lora.scaling
+            layer.lora.A.copy_(module.lora_A["default"].weight.T)  # PEFT (rank, in) -> ours (in, rank)
+            layer.lora.B.copy_(module.lora_B["default"].weight.T)  # PEFT (out, rank) -> ours (rank, out)
+            if use_dora:
+                magnitude = module.lora_magnitude_vector["default"].weight  # (out,)
+                magnitude.mul_(1 + 0.2 * torch.randn(magnitude.shape, generator=generator))
+                layer.magnitude.m.copy_(magnitude)
+            pairs.append((module, layer))
+    assert len(pairs) == 6
+    return hf_lora, ours, pairs
 
+
+@pytest.mark.parametrize(("use_rslora", "use_dora"), [(False, False), (True, False), (False, True)],
+                         ids=["lora", "rslora", "dora"])
+def test_matches_peft_merged_and_unmerged(use_rslora: bool, use_dora: bool, tmp_path: Path):
+    hf_lora, ours, _ = peft_and_ours(tmp_path, use_rslora=use_rslora, use_dora=use_dora)
     idx = token_ids(n_tokens=16)
     with torch.no_grad():
         expected = hf_lora(input_ids=idx).logits
@@ -480,7 +496,7 @@ def test_matches_peft_merged_and_unmerged(use_rslora: bool, tmp_path: Path):
         merge_lora(ours)
         merged_diff = (ours(idx) - merged_hf).abs().max().item()
         assert merged_diff < 1e-5
-    kind = "rsLoRA" if use_rslora else "LoRA"
+    kind = "DoRA" if use_dora else "rsLoRA" if use_rslora else "LoRA"
     print(f"{kind} vs PEFT: max |logit difference| unmerged {unmerged_diff:.1e}, "
           f"merged {merged_diff:.1e}")
 

@@ -1,7 +1,7 @@
 """The data the notebooks train on: the SMS Spam Collection (`sms_spam`: parse, download into the cache,
 balance, split) and its batching (`batching`: Dataset, collate, length-bucketed sampler, DataLoaders); the
-pretraining text and its next-token windows (`text`). The quick-mode sample and the pretraining story ship
-here as package data. Import from any of the modules or from `llm_scratch.data`.
+pretraining text and its next-token windows (`text`). Quick mode's subset of the real collection and the
+pretraining story ship here as package data. Import from any of the modules or from `llm_scratch.data`.
 """
 
 from llm_scratch.data.batching import (

@@ -1,8 +1,9 @@
 """The SMS Spam Collection: parse, check, download into the cache, balance, split, and the split CSV files.
 
 The real data set (UCI Machine Learning Repository, data set 228; Almeida and Gomez Hidalgo, 2011; CC BY 4.0)
-is downloaded once into a cache folder. In quick mode a small sample that ships inside the package takes its
-place and goes through the very same parser, balancing and split.
+is downloaded once into a cache folder. In quick mode a class-balanced random subset of it (500 messages,
+credited in `sms_spam_sample_NOTICE.txt`) that ships inside the package takes its place and goes through the
+very same parser, balancing and split.
 
 Where the data comes from, first match wins: a local path (`data_path=`; the CLI's `--data-path PATH`) to
 the `SMSSpamCollection` file or the UCI zip that holds it; the cache folder `data_dir` (default:
@@ -42,7 +43,7 @@ SMS_FILE_NAME = "SMSSpamCollection"  # the data file inside the UCI zip, and its
 EXPECTED_COUNTS = (5574, 747)  # (messages, spam) in the SMS Spam Collection v.1
 SPLIT_NAMES = ("train", "validation", "test")
 SPLIT_FRACTIONS = (0.7, 0.1)  # train and validation; the test set gets the rest (0.2)
-SAMPLE_RESOURCE = "sms_spam_sample.tsv"  # the quick-mode sample, package data of `llm_scratch.data`
+SAMPLE_RESOURCE = "sms_spam_sample.tsv"  # quick mode's real subset, package data of `llm_scratch.data`
 
 _USER_AGENT = "llm-scratch (SMS Spam Collection download for teaching notebooks)"
 _CHUNK_BYTES = 1 << 16
@@ -145,7 +146,7 @@ def check_counts(rows: Sequence[SpamRow], expected_counts: tuple[int, int] | Non
 
 
 def load_sample() -> list[SpamRow]:
-    """The small hand-written sample set that ships with the package (quick mode, tests, no network)."""
+    """The real messages that ship with the package (quick mode, tests, no network): 250 ham, 250 spam."""
     resource = resources.files("llm_scratch.data").joinpath(SAMPLE_RESOURCE)
     name = f"llm_scratch/data/{SAMPLE_RESOURCE}"  # what error messages call it
     return parse_sms_spam(_decode(resource.read_bytes(), name), name)
@@ -233,7 +234,7 @@ def download_sms_spam(data_dir: str | Path | None = None, urls: Sequence[str] | 
         f"{SMS_FILE_NAME} file inside it (`--data-path PATH` on the command line, `data_path=PATH` in "
         "Python);\n"
         f"  - or set {config.SMS_URLS_ENV} to a comma-separated list of URLs that serve the same zip;\n"
-        "  - or run in quick mode (LLM_SCRATCH_QUICK=1 or --quick) with the small sample data set."
+        "  - or run in quick mode (LLM_SCRATCH_QUICK=1 or --quick) with the subset that ships."
     )
 
 

@@ -1,0 +1,242 @@
+"""Faults while a run writes its folder: kill -9, Ctrl-C, a full disk, a file-size limit, a folder that cannot
+be written, two runs at once, a closed pipe. After each, the run folder holds the old run or the new one,
+whole, or is refused; and the command ends with one line, never a traceback.
+"""
+
+from __future__ import annotations
+
+import collections
+import errno
+import glob
+import json
+import os
+import random
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import matplotlib.figure
+import pytest
+
+from llm_scratch import files
+from llm_scratch.cli import main
+from llm_scratch.finetune import classify_with_run
+from llm_scratch.run_folder import RUN_FILE
+
+
+def environment(tmp_path: Path) -> dict[str, str]:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "MPLBACKEND": "Agg", "OMP_NUM_THREADS": "1",
+           "PYTHONUNBUFFERED": "1", "LLM_SCRATCH_DATA": str(tmp_path / "cache")}
+    env.pop("LLM_SCRATCH_QUICK", None)
+    return env
+
+
+def start(tmp_path: Path, *args, **popen) -> subprocess.Popen:
+    """`python -m llm_scratch ARGS` in a new process, its output captured as text."""
+    return subprocess.Popen([sys.executable, "-m", "llm_scratch", *map(str, args)], env=environment(tmp_path),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
+
+
+def new_run(out: Path, epochs: int = 1) -> list[str]:
+    """The re-run that the fault tests interrupt: quick LoRA, seed 2, into an existing run folder."""
+    return ["finetune", "--quick", "--seed", "2", "--epochs", str(epochs), "--out", str(out), "--overwrite",
+            "--no-progress"]
+
+
+@pytest.fixture
+def old_run(quick_runs, tmp_path) -> Path:
+    """A good run folder (quick LoRA, seed 1) at tmp_path/runs/lora."""
+    return shutil.copytree(quick_runs["lora"], tmp_path / "runs" / "lora")
+
+
+def staging_folders(out: Path) -> set[str]:
+    """The temporary folders of runs into `out` (the one being written, and those killed runs left)."""
+    return set(glob.glob(f"{glob.escape(str(out.parent))}/.{out.name}.partial-*"))
+
+
+def staging_names(out: Path, stale: set[str]) -> list[str]:
+    """What the temporary folder of the run in progress holds now (`stale`: folders of earlier runs)."""
+    return sorted(Path(p).name for folder in staging_folders(out) - stale
+                  for p in glob.glob(f"{glob.escape(folder)}/*") + glob.glob(f"{glob.escape(folder)}/.*"))
+
+
+def moment(staged: list[str], running: bool, replaced: bool) -> str:
+    """When a kill struck, from what the run's temporary folder held and what the run folder holds after."""
+    if not running:
+        return "after the process had ended"
+    if not staged:
+        return "after the move into place" if replaced else "before the run wrote anything"
+    if not any("adapter" in name for name in staged):
+        return "while training (base model written)"
+    return "while saving (adapter, run.json, metrics, figures)"
+
+
+@pytest.mark.slow
+def test_sigkill_at_random_moments_leaves_the_old_run_or_the_new_one(old_run, tmp_path, messages):
+    """24 kills (-9): half at any moment of the run, half during its saves; after each, classify gives
+    exactly the predictions of the run that run.json names (by its seed), or refuses."""
+    pristine = shutil.copytree(old_run, tmp_path / "pristine")
+    expected = {1: classify_with_run(old_run, messages)}
+    began = time.perf_counter()
+    reference = start(tmp_path, *new_run(tmp_path / "reference"))
+    assert reference.wait(timeout=300) == 0, reference.stderr.read()
+    duration = time.perf_counter() - began
+    expected[2] = classify_with_run(tmp_path / "reference", messages)
+    assert expected[1] != expected[2]  # the two runs are told apart by their predictions
+
+    rng = random.Random(20240607)
+    outcomes: collections.Counter = collections.Counter()
+    for kill in range(24):
+        if json.loads((old_run / RUN_FILE).read_text())["seed"] != 1:  # the last re-run completed
+            shutil.rmtree(old_run)
+            shutil.copytree(pristine, old_run)
+        stale = staging_folders(old_run)  # left by the last kill; the run removes them once it holds the lock
+        process = start(tmp_path, *new_run(old_run))
+        if kill % 2 == 0:  # any moment of the whole run
+            time.sleep(rng.uniform(0.0, duration))
+        else:  # during the saves: once the adapter is being written, then within the next 0.6 s
+            while process.poll() is None and not any("adapter" in n for n in staging_names(old_run, stale)):
+                time.sleep(0.002)
+            time.sleep(rng.uniform(0.0, 0.6))
+        staged, running = staging_names(old_run, stale), process.poll() is None
+        process.kill()
+        process.wait()
+        try:
+            predictions = classify_with_run(old_run, messages)
+        except (ValueError, FileNotFoundError) as error:
+            assert str(old_run) in str(error)  # a clear refusal that names the folder or its file
+            outcomes[(moment(staged, running, False), f"refused: {str(error)[:60]}")] += 1
+            continue
+        seed = json.loads((old_run / RUN_FILE).read_text())["seed"]
+        assert predictions == expected[seed], f"kill {kill}: the folder claims seed {seed}, answers otherwise"
+        outcome = "old run, whole" if seed == 1 else "new run, whole"
+        outcomes[(moment(staged, running, seed == 2), outcome)] += 1
+
+    final = start(tmp_path, *new_run(old_run))
+    assert final.wait(timeout=300) == 0, final.stderr.read()
+    assert classify_with_run(old_run, messages) == expected[2]
+    assert sorted(p.name for p in old_run.parent.iterdir()) == ["lora"]  # no temporary folder, no lock left
+    print(f"\n{sum(outcomes.values())} kills (-9); a full run takes {duration:.1f} s here:")
+    for (when, outcome), count in sorted(outcomes.items()):
+        print(f"  {count:2d} x killed {when}: {outcome}")
+    assert sum(outcomes.values()) == 24
+    assert sum(n for (when, _), n in outcomes.items() if when.startswith("while saving")) >= 5
+
+
+def test_ctrl_c_during_training_prints_one_line_exits_130_and_changes_nothing(snapshot, old_run, tmp_path):
+    before = snapshot(old_run.parent)
+    process = start(tmp_path, *new_run(old_run, epochs=50))
+    assert "trainable" in process.stdout.readline()  # training has begun
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 130
+    assert err == ("error: interrupted (Ctrl-C): the run in progress changed no run folder and left no file "
+                   "half-written\n")
+    assert snapshot(old_run.parent) == before
+
+
+def test_a_file_size_limit_while_saving_ends_in_one_line_and_changes_nothing(snapshot, old_run, tmp_path):
+    def limit_file_size() -> None:  # Python ignores SIGXFSZ, so a write past the limit fails with EFBIG
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))  # 1 MiB: the base model is 13 MB
+
+    before = snapshot(old_run.parent)
+    process = start(tmp_path, *new_run(old_run), preexec_fn=limit_file_size)
+    _, err = process.communicate(timeout=300)
+    assert process.returncode == 2 and err.count("\n") == 1 and "Traceback" not in err
+    assert "File too large; the file is larger than this system allows (a file-size limit" in err
+    assert snapshot(old_run.parent) == before
+
+
+@pytest.mark.parametrize("where", ["safetensors", "figure"])
+def test_a_full_disk_while_saving_ends_in_one_line_and_changes_nothing(snapshot, old_run, monkeypatch, capsys,
+                                                                      where):
+    def disk_full(*args, **kwargs):  # save_file(tensors, path, ...) or Figure.savefig(figure, path, ...)
+        path = args[1]
+        Path(path).write_bytes(b"half a file")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+    if where == "safetensors":
+        monkeypatch.setattr(files, "save_file", disk_full)
+    else:
+        monkeypatch.setattr(matplotlib.figure.Figure, "savefig", disk_full)
+    before = snapshot(old_run.parent)
+    assert main(new_run(old_run)) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1
+    assert "No space left on device; the disk is full: free some space" in err
+    assert snapshot(old_run.parent) == before
+
+
+def test_out_naming_a_file_is_refused(snapshot, tmp_path, capsys):
+    (tmp_path / "notes.txt").write_text("keep me")
+    assert main(new_run(tmp_path / "notes.txt")) == 2
+    assert "notes.txt is a file, not a folder; choose another run folder (--out)" in capsys.readouterr().err
+    assert snapshot(tmp_path) == {"notes.txt": b"keep me"}
+
+
+def test_out_under_a_file_is_one_line_naming_the_path(snapshot, tmp_path, capsys):
+    (tmp_path / "notes.txt").write_text("keep me")
+    assert main(new_run(tmp_path / "notes.txt" / "run")) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {tmp_path / 'notes.txt'}") and "a file is in the way" in err
+    assert snapshot(tmp_path) == {"notes.txt": b"keep me"}
+
+
+def test_a_read_only_folder_is_one_line_naming_the_path(snapshot, old_run, monkeypatch, capsys):
+    before = snapshot(old_run.parent)
+    if os.geteuid() == 0:  # root writes into read-only folders: the operating system's refusal is simulated
+        def refuse(*args, dir=None, **kwargs):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(dir))
+
+        monkeypatch.setattr(tempfile, "mkdtemp", refuse)
+    else:
+        old_run.parent.chmod(0o555)
+    try:
+        assert main(new_run(old_run)) == 2
+    finally:
+        old_run.parent.chmod(0o755)
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {old_run.parent}") and err.count("\n") == 1
+    assert "Permission denied; no permission: choose a folder you can write to" in err
+    assert snapshot(old_run.parent) == before
+
+
+def test_a_cache_folder_that_is_a_file_matters_only_when_a_download_is_needed(tmp_path, monkeypatch, capsys):
+    cache = tmp_path / "cache"
+    cache.write_text("not a folder")
+    monkeypatch.setenv("LLM_SCRATCH_DATA", str(cache))
+    assert main(["finetune", "--quick", "--out", str(tmp_path / "quick"), "--no-progress"]) == 0
+    assert main(["finetune", "--out", str(tmp_path / "full"), "--no-progress"]) == 2  # needs the download
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {cache}") and err.count("\n") == 1, err
+    assert "a file is in the way where a folder is needed: move it, or choose another path" in err
+    assert not (tmp_path / "full").exists() and cache.read_text() == "not a folder"
+
+
+def test_two_runs_into_one_folder_at_once_the_second_is_refused(old_run, tmp_path, messages):
+    first = start(tmp_path, *new_run(old_run, epochs=30))
+    assert "trainable" in first.stdout.readline()  # the first run holds the folder's lock
+    second = start(tmp_path, *new_run(old_run))
+    _, err = second.communicate(timeout=300)
+    assert second.returncode == 2
+    assert err == (f"error: another run is writing into {old_run} right now (it holds the lock "
+                   f"{old_run.parent / '.lora.lock'}); wait until it ends, or choose another run folder "
+                   "(--out)\n")
+    first.communicate(timeout=300)
+    assert first.returncode == 0
+    run = json.loads((old_run / RUN_FILE).read_text())
+    metrics = json.loads((old_run / "metrics.json").read_text())
+    assert (run["seed"], metrics["epochs"]) == (2, 30)  # the first run's, whole
+    assert len(classify_with_run(old_run, messages)) == len(messages)
+
+
+def test_a_closed_pipe_ends_classify_quietly(old_run, tmp_path):
+    process = start(tmp_path, "classify", "--run", old_run, "hello", "WIN a prize", "see you")
+    process.stdout.close()  # the reader is gone, as with `| head -1` once it has its line
+    err = process.stderr.read()
+    assert process.wait(timeout=120) == 141 and err == ""
