@@ -18,6 +18,8 @@ from __future__ import annotations
 import argparse
 import copy
 import os
+import random
+import statistics
 import sys
 import tempfile
 import time
@@ -40,26 +42,27 @@ LORA_EPOCH = "one LoRA training epoch, no evaluation"
 
 
 def step_seconds(models: dict, batches: list) -> tuple[dict[str, float], float]:
-    """Seconds per padded position of a training step of each model, and of an evaluation batch.
-
-    The models step in turn, batch by batch, so that other work on the machine slows them alike.
+    """Seconds per padded position of a training step of each model, and of an evaluation batch: medians
+    over `batches` (the first one warms up). The models step in turn, batch by batch, in a new order each
+    time, so that other work on the machine slows them alike; the median passes over its bursts.
     """
     optimizers = {m: torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
                   for m, model in models.items()}
-    train, evaluate = {m: 0.0 for m in models}, 0.0
+    times: dict[str, list[float]] = {m: [] for m in [*models, "evaluate"]}
     for index, batch in enumerate(batches):
-        for method, model in models.items():
+        for method in random.Random(index).sample(list(times), len(times)):
             start = time.perf_counter()
-            optimizers[method].zero_grad()
-            classification_loss(model.train(), batch).backward()
-            optimizers[method].step()
-            train[method] += (time.perf_counter() - start) * (index > 0)  # the first batch warms up
-        start = time.perf_counter()
-        with torch.no_grad():
-            classification_loss(models["lora"].eval(), batch)
-        evaluate += (time.perf_counter() - start) * (index > 0)
-    positions = sum(batch.input_ids.numel() for batch in batches[1:])
-    return {m: t / positions for m, t in train.items()}, evaluate / positions
+            if method == "evaluate":
+                with torch.no_grad():
+                    classification_loss(models["lora"].eval(), batch)
+            else:
+                optimizers[method].zero_grad()
+                classification_loss(models[method].train(), batch).backward()
+                optimizers[method].step()
+            if index > 0:
+                times[method].append((time.perf_counter() - start) / batch.input_ids.numel())
+    per_position = {m: statistics.median(t) for m, t in times.items()}
+    return {m: per_position[m] for m in models}, per_position["evaluate"]
 
 
 def notebook_05(data_path: Path, n_batches: int) -> dict[str, float]:

@@ -147,3 +147,20 @@ def test_bench_pretrain_smoke(capsys, monkeypatch):
     assert ours[2] < ours[1] < ours[0]
     for i, (a, b) in enumerate(zip(ours, hf, strict=True), start=1):
         assert rows[str(i)] == [f"{a:.5f}", f"{b:.5f}"]
+
+
+def test_bench_full_mode_times_every_method_per_position(monkeypatch):
+    bench = load_script("bench_full_mode", monkeypatch)
+    base = bench.add_classification_head(bench.GPTModel(bench.GPTConfig.from_preset("tiny")))
+    models = {}
+    for method in bench.METHODS:
+        models[method] = bench.copy.deepcopy(base)
+        bench.prepare_for_method(models[method], method)
+    splits = bench.load_spam_splits(quick=True)
+    batches = [batch for batch, _ in zip(bench.spam_dataloaders(splits, context_length=256).train, range(3),
+                                         strict=False)]
+    before = {name: p.detach().clone() for name, p in models["full"].named_parameters()}
+    per_step, per_eval = bench.step_seconds(models, batches)
+    assert list(per_step) == list(bench.METHODS) and all(t > 0 for t in per_step.values()) and per_eval > 0
+    moved = [name for name, p in models["full"].named_parameters() if not bench.torch.equal(p, before[name])]
+    assert moved  # the timed steps really trained
