@@ -130,7 +130,10 @@ def test_sigkill_at_random_moments_leaves_the_old_run_or_the_new_one(old_run, tm
 
 def test_ctrl_c_during_training_prints_one_line_exits_130_and_changes_nothing(snapshot, old_run, tmp_path):
     before = snapshot(old_run.parent)
-    process = start(tmp_path, *new_run(old_run, epochs=50))
+    # As in a terminal: Ctrl-C's signal is handled. (A job started in the background by a script inherits it
+    # ignored, and Python then raises no KeyboardInterrupt.)
+    process = start(tmp_path, *new_run(old_run, epochs=50),
+                    preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     assert "trainable" in process.stdout.readline()  # training has begun
     process.send_signal(signal.SIGINT)
     _, err = process.communicate(timeout=120)
