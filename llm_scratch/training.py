@@ -176,14 +176,15 @@ def train(
             for batch in bar:
                 optimizer.zero_grad(set_to_none=True)
                 loss = loss_fn(model, batch)
-                if not math.isfinite(loss.item()):  # stop at once: every later step would be garbage
-                    raise RuntimeError(f"the training loss is {loss.item()} at step {step + 1} (epoch "
-                                       f"{epoch}); training stopped. {NON_FINITE_CAUSES}")
+                value = loss.item()
+                if not math.isfinite(value):  # stop at once: every later step would be garbage
+                    raise RuntimeError(f"the training loss is {value} at step {step + 1} (epoch {epoch}); "
+                                       f"training stopped. {NON_FINITE_CAUSES}")
                 loss.backward()
                 optimizer.step()
                 seen += count_fn(batch)
                 step += 1
-                history.step_loss.append(loss.item())
+                history.step_loss.append(value)
                 history.step_seen.append(seen)
                 bar.set_postfix(loss=f"{history.step_loss[-1]:.3f}")
                 if step % eval_every == 0:
