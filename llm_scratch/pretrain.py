@@ -94,9 +94,9 @@ def pretrain(settings: PretrainSettings) -> dict:
     model = build_model(settings.model_name, context_length, settings.seed)
     loaders = text_dataloaders(load_text(settings.data_path), context_length, settings.stride,
                                settings.batch_size, settings.seed)
-    text = TEXT_RESOURCE if settings.data_path is None else str(settings.data_path)
+    data = TEXT_RESOURCE if settings.data_path is None else str(settings.data_path)
     n_params = count_parameters(model)
-    print(f"pretraining {settings.model_name} ({n_params:,} parameters) on {text}: "
+    print(f"pretraining {settings.model_name} ({n_params:,} parameters) on {data}: "
           f"{len(loaders.train.dataset)} training and {len(loaders.validation.dataset)} validation windows "
           f"of {context_length} tokens | device {device}")
 
@@ -114,14 +114,17 @@ def pretrain(settings: PretrainSettings) -> dict:
     final = {f"{name}_{key}": value for name, loader in zip(("train", "validation"), loaders, strict=True)
              for key, value in evaluate(model, loader).items()}
 
+    # metrics.json marks a complete run: an earlier run's goes before its other files are replaced, ours
+    # comes last.
+    (out / METRICS_FILE).unlink(missing_ok=True)
     save_gpt2_safetensors(model, out / WEIGHTS_FILE, hf_config=True)
-    title = f"Pretraining {settings.model_name} on {Path(text).name}" + (" (quick mode)" if quick else "")
+    title = f"Pretraining {settings.model_name} on {Path(data).name}" + (" (quick mode)" if quick else "")
     save_figure(plot_losses(history, title, seen=True), LOSS_FIGURE, out)
     plt.close("all")
     with atomic_path(out / SAMPLES_FILE) as temporary:
         temporary.write_text("".join(f"epoch {i}: {s}\n\n" for i, s in enumerate(samples, start=1)))
     metrics = {
-        "model_name": settings.model_name, "quick": quick, "data": text, "parameters": n_params,
+        "model_name": settings.model_name, "quick": quick, "data": data, "parameters": n_params,
         **final, "tokens_seen": history.step_seen[-1], "epochs": epochs, "lr": lr,
         "context_length": context_length, "eval_every": eval_every,
         "settings": {k: str(v) if isinstance(v, Path) else v
@@ -129,7 +132,7 @@ def pretrain(settings: PretrainSettings) -> dict:
         "device": str(device), "train_time_s": history.wall_time_s, "peak_memory_mb": history.peak_memory_mb,
         "peak_memory_kind": history.peak_memory_kind, "samples": samples, "history": history.to_dict(),
     }
-    with atomic_path(out / METRICS_FILE) as temporary:  # written last: its presence marks a complete run
+    with atomic_path(out / METRICS_FILE) as temporary:
         temporary.write_text(json.dumps(metrics, indent=2) + "\n")
     print(f"train loss {final['train_loss']:.3f} (perplexity {final['train_perplexity']:.1f}), validation "
           f"loss {final['validation_loss']:.3f} (perplexity {final['validation_perplexity']:.1f}) after "
