@@ -104,7 +104,8 @@ def format_accuracy(accuracy: float, total: int) -> str:
 def train_classifier(model: nn.Module, train_loader, val_loader, **settings) -> History:
     """The generic `training.train` with the classification loss, accuracy as a metric, messages as unit.
 
-    `settings` are `train`'s: epochs, lr, weight_decay, eval_every, eval_batches, seed, device, progress.
+    `settings` are `train`'s: epochs, lr, weight_decay, eval_every, eval_batches, seed, device, progress,
+    param_groups, precision.
     """
     return train(model, train_loader, val_loader, classification_loss, evaluate_fn=evaluate,
                  count_fn=lambda batch: len(batch.labels), unit="examples", **settings)

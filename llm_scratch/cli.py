@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from llm_scratch.finetune import METHODS, FinetuneSettings, classify_with_run, compare, finetune
+from llm_scratch.precision import PRECISIONS
 from llm_scratch.pretrain import PretrainSettings, pretrain
 from llm_scratch.run_folder import explain_error
 
@@ -20,6 +21,7 @@ SHARED = {
     "--lr": (float, "learning rate (default: see {m.__name__})"),
     "--batch-size": (int, "default {d.batch_size}"), "--seed": (int, "default {d.seed}"),
     "--device": (str, "cpu, cuda, cuda:N or mps (default: the best available)"),
+    "--precision": (PRECISIONS, "fp32 (default), or bf16 / fp16: 16-bit matrix products, float32 weights"),
     "--quick": (None, "tiny model, shipped data, no network (also LLM_SCRATCH_QUICK=1)"),
 }
 FINETUNE = {

@@ -40,6 +40,7 @@ from llm_scratch.methods import (
 )
 from llm_scratch.model import GPTModel
 from llm_scratch.plots import plot_accuracy, plot_comparison, plot_losses, save_figure
+from llm_scratch.precision import autocast, check_precision
 from llm_scratch.pretrained import download_gpt2, save_gpt2_safetensors
 from llm_scratch.run_folder import (
     ADAPTER_FILE,
@@ -79,6 +80,7 @@ class FinetuneSettings:
     bucket: bool = False  # batches of similar-length messages (less padding, faster epochs)
     seed: int = 123
     device: str | None = None  # None: CUDA, then MPS, then CPU
+    precision: str = "fp32"  # "bf16" or "fp16": forward passes in 16 bits (llm_scratch.precision)
     quick: bool = False  # tiny model, shipped data, no network (also LLM_SCRATCH_QUICK=1)
     data_path: Path | None = None  # a local SMSSpamCollection file or UCI zip instead of the download
     weights_path: Path | None = None  # a local GPT-2 model.safetensors instead of the download
@@ -117,6 +119,7 @@ class FinetuneSettings:
         if self.device is not None and not (isinstance(self.device, str)
                                             and DEVICE_NAME.fullmatch(self.device)):
             raise ValueError(f"--device must be cpu, cuda, cuda:N (the N-th GPU) or mps, got {self.device!r}")
+        check_precision(self.precision)
         if self.weights_path is not None and self.random_init:
             raise ValueError("--weights-path and --random-init contradict each other: pretrained weights "
                              "from a file, or random ones? Drop one of them")
@@ -169,6 +172,7 @@ def finetune(settings: FinetuneSettings) -> dict:
     quick = settings.quick or quick_mode()
     model_name = _model_name(settings, quick)
     device = _device(settings.device)
+    check_precision(settings.precision, device)  # before anything is written
     out = Path(settings.out) if settings.out is not None else Path("runs") / settings.method
     with writing_run(out, settings.overwrite) as folder:  # `out` changes only if the run completes
         metrics = _train_into(folder, settings, quick, model_name, device)
@@ -227,10 +231,11 @@ def _train_into(folder: Path, settings: FinetuneSettings, quick: bool, model_nam
 
     history = train_classifier(model, loaders.train, loaders.validation, epochs=epochs, lr=lr,
                                eval_every=settings.eval_every, seed=settings.seed, device=device,
-                               progress=settings.progress, param_groups=groups)
+                               progress=settings.progress, param_groups=groups, precision=settings.precision)
     accuracies = {}  # each split's accuracy, its number of messages and its 95% interval
     for name, loader in zip(("train", "validation", "test"), loaders[:3], strict=True):
-        accuracy, total = evaluate(model, loader)["accuracy"], len(loader.dataset)
+        with autocast(settings.precision, device):
+            accuracy, total = evaluate(model, loader)["accuracy"], len(loader.dataset)
         interval = wilson_interval(round(accuracy * total), total)
         accuracies.update({f"{name}_accuracy": accuracy, f"{name}_examples": total,
                            f"{name}_accuracy_interval": list(interval)})
@@ -246,7 +251,7 @@ def _train_into(folder: Path, settings: FinetuneSettings, quick: bool, model_nam
 
     metrics = {
         **run, **accuracies, "epochs": epochs, "lr": lr, "batch_size": settings.batch_size,
-        "bucket": settings.bucket, "device": str(device),
+        "bucket": settings.bucket, "device": str(device), "precision": settings.precision,
         "trainable_parameters": summary.trainable, "total_parameters": summary.base,
         "train_time_s": history.wall_time_s, "peak_memory_mb": history.peak_memory_mb,
         "peak_memory_kind": history.peak_memory_kind, "saved_file": saved.name,

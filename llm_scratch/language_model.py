@@ -55,7 +55,7 @@ def train_language_model(model: nn.Module, train_loader, val_loader, **settings)
     """The generic `training.train` with the next-token loss, perplexity as a metric, tokens as unit.
 
     `settings` are `train`'s: epochs, lr, weight_decay, eval_every, eval_batches, seed, device, progress,
-    on_epoch_end.
+    on_epoch_end, precision.
     """
     return train(model, train_loader, val_loader, next_token_loss, evaluate_fn=evaluate,
                  count_fn=count_tokens, unit="tokens", **settings)

@@ -20,6 +20,7 @@ from llm_scratch.files import atomic_path
 from llm_scratch.language_model import complete_text, evaluate, train_language_model
 from llm_scratch.model import GPTModel, count_parameters
 from llm_scratch.plots import plot_losses, save_figure
+from llm_scratch.precision import autocast, check_precision
 from llm_scratch.pretrained import WEIGHTS_FILE, save_gpt2_safetensors
 
 # Full mode's defaults: windows of 256 tokens, 2 per step (the story makes 18 training windows, 9 steps an
@@ -54,6 +55,7 @@ class PretrainSettings:
     lr: float | None = None  # None: LEARNING_RATES[model_name], else DEFAULT_LEARNING_RATE
     seed: int = 123
     device: str | None = None  # None: CUDA, then MPS, then CPU
+    precision: str = "fp32"  # "bf16" or "fp16": forward passes in 16 bits (llm_scratch.precision)
     out: Path | None = None  # the run folder; None: runs/pretrain
     quick: bool = False  # the tiny model and the QUICK_ defaults (also LLM_SCRATCH_QUICK=1)
     eval_every: int | None = None  # steps between validation-loss checks; None: EVAL_EVERY (QUICK_...)
@@ -87,6 +89,7 @@ def pretrain(settings: PretrainSettings) -> dict:
                          f"{settings.model_name!r}; leave out --quick (and LLM_SCRATCH_QUICK) to train it")
     out = Path(settings.out) if settings.out is not None else Path("runs") / "pretrain"
     device = pick_device(settings.device)
+    check_precision(settings.precision, device)
     epochs = _given_or(settings.epochs, QUICK_EPOCHS if quick else EPOCHS)
     context_length = _given_or(settings.context_length, QUICK_CONTEXT_LENGTH if quick else CONTEXT_LENGTH)
     eval_every = _given_or(settings.eval_every, QUICK_EVAL_EVERY if quick else EVAL_EVERY)
@@ -110,9 +113,10 @@ def pretrain(settings: PretrainSettings) -> dict:
     history = train_language_model(model, loaders.train, loaders.validation, epochs=epochs, lr=lr,
                                    weight_decay=WEIGHT_DECAY, eval_every=eval_every,
                                    seed=settings.seed, device=device, progress=settings.progress,
-                                   on_epoch_end=print_sample)
-    final = {f"{name}_{key}": value for name, loader in zip(("train", "validation"), loaders, strict=True)
-             for key, value in evaluate(model, loader).items()}
+                                   on_epoch_end=print_sample, precision=settings.precision)
+    with autocast(settings.precision, device):
+        final = {f"{name}_{key}": value for name, loader in zip(("train", "validation"), loaders, strict=True)
+                 for key, value in evaluate(model, loader).items()}
 
     # metrics.json marks a complete run: an earlier run's goes before its other files are replaced, ours
     # comes last.

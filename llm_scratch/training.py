@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from llm_scratch.config import pick_device
 from llm_scratch.model import eval_mode
+from llm_scratch.precision import autocast, check_precision, grad_scaler
 
 # What usually makes a loss NaN or infinite, for the error that stops training.
 NON_FINITE_CAUSES = ("Likely causes: a learning rate too large (try one 10 times smaller), NaN or infinity "
@@ -129,6 +130,7 @@ def train(
     progress: bool = True,
     on_epoch_end: Callable[[int, nn.Module], None] | None = None,
     param_groups: list[dict] | None = None,
+    precision: str = "fp32",
 ) -> History:
     """Train every parameter with `requires_grad` by AdamW on `loss_fn`; return the History.
 
@@ -137,6 +139,7 @@ def train(
     batches is recorded; after each epoch every metric on `eval_batches` training batches and on the whole
     validation set, then `on_epoch_end(epoch, model)` runs (e.g. to print a sample). `param_groups`: AdamW
     groups with their own learning rates (e.g. LoRA+'s), holding every trainable parameter once.
+    `precision` "bf16" or "fp16" runs the forward passes in that type (`llm_scratch.precision`).
     """
     if epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {epochs}")
@@ -152,6 +155,7 @@ def train(
     train_sample = DataLoader(train_loader.dataset, batch_size=train_loader.batch_size or 8,
                               collate_fn=train_loader.collate_fn)
     device = device if isinstance(device, torch.device) else pick_device(device)
+    check_precision(precision, device)
     torch.manual_seed(seed)
     model.to(device)
     if param_groups is None:
@@ -163,6 +167,12 @@ def train(
                              f"hold {len(grouped)} tensors, the model has {len(trainable)} trainable")
         # Copies of the groups: AdamW writes its defaults into the dicts it is given.
         optimizer = torch.optim.AdamW([dict(g) for g in param_groups], lr=lr, weight_decay=weight_decay)
+    scaler = grad_scaler(precision, device)  # fp16: scales the loss up, the gradients back down
+
+    def measure(loader: DataLoader, max_batches: int | None) -> dict[str, float]:
+        with autocast(precision, device):
+            return evaluate_fn(model, loader, max_batches)
+
     history = History(unit=unit, device=str(device))
     seen, step = 0, 0
     start = time.perf_counter()
@@ -175,13 +185,15 @@ def train(
                        disable=not progress, leave=False)
             for batch in bar:
                 optimizer.zero_grad(set_to_none=True)
-                loss = loss_fn(model, batch)
+                with autocast(precision, device):  # the forward pass; backward follows its types
+                    loss = loss_fn(model, batch)
                 value = loss.item()
                 if not math.isfinite(value):  # stop at once: every later step would be garbage
                     raise RuntimeError(f"the training loss is {value} at step {step + 1} (epoch {epoch}); "
                                        f"training stopped. {NON_FINITE_CAUSES}")
-                loss.backward()
-                optimizer.step()
+                scaler.scale(loss).backward()  # without fp16: loss.backward()
+                scaler.step(optimizer)  # without fp16: optimizer.step()
+                scaler.update()
                 seen += count_fn(batch)
                 step += 1
                 history.step_loss.append(value)
@@ -189,10 +201,10 @@ def train(
                 bar.set_postfix(loss=f"{history.step_loss[-1]:.3f}")
                 if step % eval_every == 0:
                     history.eval_seen.append(seen)
-                    history.eval_train_loss.append(evaluate_fn(model, train_sample, eval_batches)["loss"])
-                    history.eval_val_loss.append(evaluate_fn(model, val_loader, eval_batches)["loss"])
-            measured = {f"train_{k}": v for k, v in evaluate_fn(model, train_sample, eval_batches).items()}
-            measured.update({f"validation_{k}": v for k, v in evaluate_fn(model, val_loader, None).items()})
+                    history.eval_train_loss.append(measure(train_sample, eval_batches)["loss"])
+                    history.eval_val_loss.append(measure(val_loader, eval_batches)["loss"])
+            measured = {f"train_{k}": v for k, v in measure(train_sample, eval_batches).items()}
+            measured.update({f"validation_{k}": v for k, v in measure(val_loader, None).items()})
             for name, value in measured.items():
                 history.epoch_metrics.setdefault(name, []).append(value)
             if progress:

@@ -88,14 +88,14 @@ def test_options_left_out_keep_the_library_defaults_and_given_ones_are_honoured(
              "--rank", "4", "--alpha", "8", "--batch-size", "2", "--seed", "7", "--eval-every", "3",
              "--data-path", str(tmp_path / "sms"), "--weights-path", str(tmp_path / "w.safetensors"),
              "--out", str(tmp_path / "run"), "--overwrite", "--bucket", "--quick", "--no-progress",
-             "--device", "cpu"]
+             "--device", "cpu", "--precision", "bf16"]
     options = {k: v for k, v in vars(parse(given)).items() if k not in ("command", "compare")}
     settings = FinetuneSettings.from_options(**options)
     assert settings == FinetuneSettings(
         method="full", model_name="gpt2-medium", epochs=1, lr=1e-3, batch_size=2, seed=7, eval_every=3,
         lora_config=LoRAConfig(rank=4, alpha=8.0, modules_to_save=("out_head",)),
         data_path=tmp_path / "sms", weights_path=tmp_path / "w.safetensors", out=tmp_path / "run",
-        overwrite=True, bucket=True, quick=True, progress=False, device="cpu")
+        overwrite=True, bucket=True, quick=True, progress=False, device="cpu", precision="bf16")
     # --random-init, left out above, contradicts --weights-path (refused, see tests/test_bad_input.py)
     assert FinetuneSettings.from_options(random_init=True).random_init
 
@@ -108,12 +108,12 @@ def test_pretrain_options_left_out_keep_the_library_defaults_and_given_ones_are_
     given = ["pretrain", "--data-path", str(tmp_path / "story.txt"), "--model-name", "gpt2-small", "--epochs",
              "3", "--context-length", "128", "--stride", "64", "--batch-size", "4", "--lr", "1e-4", "--seed",
              "7", "--device", "cpu", "--out", str(tmp_path / "run"), "--quick", "--eval-every", "2",
-             "--sample-prompt", "Once upon a time", "--no-progress"]
+             "--sample-prompt", "Once upon a time", "--no-progress", "--precision", "fp16"]
     options = {k: v for k, v in vars(parse(given)).items() if k != "command"}
     assert PretrainSettings(**options) == PretrainSettings(
         data_path=tmp_path / "story.txt", model_name="gpt2-small", epochs=3, context_length=128, stride=64,
         batch_size=4, lr=1e-4, seed=7, device="cpu", out=tmp_path / "run", quick=True, eval_every=2,
-        sample_prompt="Once upon a time", progress=False)
+        sample_prompt="Once upon a time", progress=False, precision="fp16")
     fields = {field.name for field in dataclasses.fields(PretrainSettings)}
     assert set(options) == fields  # one option per field
 
