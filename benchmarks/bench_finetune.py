@@ -30,6 +30,7 @@ from llm_scratch.config import GPTConfig
 from llm_scratch.data import SpamBatch, load_spam_splits, spam_dataloaders
 from llm_scratch.finetune import CLASSIFIER_LORA, prepare_for_method
 from llm_scratch.model import GPTModel
+from llm_scratch.precision import autocast
 
 SHARED_SMS = Path(__file__).resolve().parents[2] / "shared" / "data" / "sms_spam" / "SMSSpamCollection"
 MODELS = ("ours full", "hf full", "ours lora", "hf+peft lora")
@@ -61,21 +62,23 @@ def build(name: str, cfg: GPTConfig, rank: int, alpha: float, seed: int = 123) -
     return model.train()
 
 
-def train_step(model: torch.nn.Module,
-               param_groups: list[dict] | None = None) -> Callable[[SpamBatch], float]:
+def train_step(model: torch.nn.Module, param_groups: list[dict] | None = None,
+               precision: str = "fp32") -> Callable[[SpamBatch], float]:
     """One AdamW step (forward, loss, backward, update) of `model` on a batch; returns the loss.
 
-    `param_groups` (e.g. LoRA+'s) replaces the one group of every trainable parameter."""
+    `param_groups` (e.g. LoRA+'s) replaces the one group of every trainable parameter; `precision` "bf16"
+    runs the forward pass under autocast, as `finetune --precision bf16` does."""
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(param_groups if param_groups is not None else trainable, lr=1e-5)
     ours = hasattr(model, "blocks")
 
     def step(batch: SpamBatch) -> float:
-        if ours:
-            loss = classification_loss(model, batch)
-        else:  # Hugging Face reads the logits at the last token that is not padding (id 50256)
-            logits = model(input_ids=batch.input_ids).logits  # (batch, 2)
-            loss = F.cross_entropy(logits, batch.labels)
+        with autocast(precision, "cpu"):
+            if ours:
+                loss = classification_loss(model, batch)
+            else:  # Hugging Face reads the logits at the last token that is not padding (id 50256)
+                logits = model(input_ids=batch.input_ids).logits  # (batch, 2)
+                loss = F.cross_entropy(logits, batch.labels)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

@@ -164,3 +164,30 @@ def test_bench_full_mode_times_every_method_per_position(monkeypatch):
     assert list(per_step) == list(bench.METHODS) and all(t > 0 for t in per_step.values()) and per_eval > 0
     moved = [name for name, p in models["full"].named_parameters() if not bench.torch.equal(p, before[name])]
     assert moved  # the timed steps really trained
+
+
+def test_bench_precision_smoke(capsys, monkeypatch):
+    import torch
+
+    from llm_scratch.precision import device_supports
+
+    if not device_supports("bf16", torch.device("cpu")):
+        pytest.skip("this CPU has no bfloat16 arithmetic")
+    bench = load_script("bench_precision", monkeypatch)
+    results = bench.main(["--smoke"])  # tiny shape, batch 8 x 16 tokens, 2 timed rounds
+    rows = markdown_rows(capsys.readouterr().out)
+    times = results["step_times"]
+    assert set(times) == {"lora fp32", "lora bf16", "full fp32", "full bf16"}
+    assert all(len(t) == 2 for t in times.values())
+    for method in ("lora", "full"):  # each ratio: the median of the per-round ratios it names
+        bf16, fp32 = times[f"{method} bf16"], times[f"{method} fp32"]
+        ratio = statistics.median(b / f for b, f in zip(bf16, fp32, strict=True))
+        assert results["ratios"][method] == ratio
+        assert rows[method] == [f"{statistics.median(times[f'{method} fp32']):.3f} s",
+                                f"{statistics.median(times[f'{method} bf16']):.3f} s", f"{ratio:.2f}"]
+    profile = results["profile_s"]
+    assert "aten::mm" in profile or "aten::addmm" in profile
+    share = sum(t for op, t in profile.items() if op in bench.MATMUL_OPS) / sum(profile.values())
+    assert results["profile_matmul_share"] == share and 0 < share < 1
+    top = sorted(profile, key=lambda op: -profile[op])[:12]
+    assert [op.strip("`") for op in rows if op.startswith("`")] == top
