@@ -55,8 +55,7 @@ def prefix_states(model: GPTModel, dataset: Dataset, n_blocks: int, progress: bo
     device = next(model.parameters()).device
     order = sorted(range(len(dataset)), key=lambda index: len(dataset[index][0]))
     states: list[torch.Tensor] = [torch.empty(0)] * len(dataset)
-    bar = tqdm(range(0, len(order), batch_size), desc=f"embeddings + {n_blocks} frozen blocks",
-               disable=not progress, leave=False)
+    bar = tqdm(range(0, len(order), batch_size), desc="the frozen prefix", disable=not progress, leave=False)
     for start in bar:
         indices = order[start : start + batch_size]
         batch = collate_spam([dataset[index] for index in indices])
@@ -160,6 +159,6 @@ def skip_frozen_prefix(model: GPTModel, loaders: SpamLoaders, progress: bool = F
                                                                                    strict=True)),
                          max_length=loaders.max_length)
     if progress:
-        print(f"computed once: the embeddings and {n_blocks} frozen blocks for {sum(map(len, states)):,} "
-              f"messages ({megabytes:,.1f} MB on {device}) in {seconds:.1f} s")
+        print(f"computed once: the embeddings and the first {n_blocks} of {len(model.blocks)} blocks (frozen)"
+              f" for {sum(map(len, states)):,} messages ({megabytes:,.1f} MB on {device}) in {seconds:.1f} s")
     return FrozenPrefix(AfterPrefix(model, n_blocks), cached, n_blocks, seconds, megabytes)
