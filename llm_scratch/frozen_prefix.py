@@ -61,7 +61,7 @@ def prefix_states(model: GPTModel, dataset: Dataset, n_blocks: int, progress: bo
         batch = collate_spam([dataset[index] for index in indices])
         model.check_token_ids(batch.input_ids)
         x = model.embed(batch.input_ids.to(device))  # (batch, n_tokens, emb_dim)
-        x = model.run_blocks(x, stop=n_blocks)  # (batch, n_tokens, emb_dim)
+        x = model.run_blocks(x, stop_block=n_blocks)  # (batch, n_tokens, emb_dim)
         for row, (index, length) in enumerate(zip(indices, batch.lengths.tolist(), strict=True)):
             states[index] = x[row, :length].float().clone()  # (length, emb_dim); clone: free the batch
     return states
@@ -106,7 +106,9 @@ def collate_prefix(batch: list[tuple[torch.Tensor, int]]) -> PrefixBatch:
 
 def cached_loader(loader: DataLoader, states: list[torch.Tensor]) -> DataLoader:
     """A loader of the messages' hidden states that makes the same batches as the token `loader`, in the
-    same order: it uses `loader`'s own batch sampler and random generator (so iterate only one of the two)."""
+    same order: it uses `loader`'s own batch sampler and random generator (so iterate only one of the two).
+    Each batch is padded to its longest message, whatever `loader` pads to: padding changes no prediction.
+    """
     if loader.num_workers != 0:
         raise ValueError("the hidden states stay on the model's device; give loaders with num_workers=0")
     labels = [label for _, label in loader.dataset]
@@ -124,7 +126,7 @@ class AfterPrefix(nn.Module):
         self.n_blocks = n_blocks
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        x = self.model.run_blocks(hidden, start=self.n_blocks)  # (batch, n_tokens, emb_dim)
+        x = self.model.run_blocks(hidden, start_block=self.n_blocks)  # (batch, n_tokens, emb_dim)
         return self.model.out_head(self.model.final_norm(x))  # (batch, n_tokens, classes)
 
 

@@ -173,13 +173,14 @@ class GPTModel(nn.Module):
         x = self.tok_emb(idx) + self.pos_emb(positions)  # (batch, n_tokens, emb_dim)
         return self.drop_emb(x)
 
-    def run_blocks(self, x: torch.Tensor, start: int = 0, stop: int | None = None,
+    def run_blocks(self, x: torch.Tensor, start_block: int = 0, stop_block: int | None = None,
                    cache: list[KVCache] | None = None) -> torch.Tensor:
-        """Hidden states (batch, n_tokens, emb_dim) through blocks `start` to `stop - 1` (default: the last).
+        """Hidden states (batch, n_tokens, emb_dim) through blocks `start_block` to `stop_block - 1` (default:
+        to the last one).
 
         `forward` runs them all; `llm_scratch.frozen_prefix` runs frozen first blocks once and the rest often.
         """
-        for i in range(start, len(self.blocks) if stop is None else stop):
+        for i in range(start_block, len(self.blocks) if stop_block is None else stop_block):
             x = self.blocks[i](x, None if cache is None else cache[i])  # (batch, n_tokens, emb_dim)
         return x
 

@@ -87,7 +87,7 @@ def test_cached_loaders_make_the_ordinary_batches_of_the_prefix_outputs(splits):
                 for tokens, cached in pairs:
                     assert torch.equal(tokens.lengths, cached.lengths)
                     assert torch.equal(tokens.labels, cached.labels)
-                    expected = model.run_blocks(model.embed(tokens.input_ids), stop=1)  # (batch, n, 64)
+                    expected = model.run_blocks(model.embed(tokens.input_ids), stop_block=1)  # (batch, n, 64)
                     real = torch.arange(cached.hidden.shape[1]) < cached.lengths[:, None]  # (batch, n_tokens)
                     assert (cached.hidden[~real] == 0).all()  # zero padding after each message
                     assert torch.allclose(cached.hidden[real], expected[real], atol=1e-5), (bucket, epoch)
