@@ -38,16 +38,19 @@ def last_token_logits(logits: torch.Tensor, lengths: torch.Tensor) -> torch.Tens
     return logits[torch.arange(logits.shape[0], device=logits.device), last]
 
 
-def batch_logits(model: nn.Module, input_ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-    """Class logits (batch, classes) of a padded batch of token ids (batch, n_tokens)."""
+def batch_logits(model: nn.Module, inputs: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """Class logits (batch, classes) of a padded batch: token ids (batch, n_tokens), or whatever else `model`
+    reads (a frozen prefix's hidden states, see `llm_scratch.frozen_prefix`)."""
     device = next(model.parameters()).device
-    return last_token_logits(model(input_ids.to(device)), lengths)
+    return last_token_logits(model(inputs.to(device)), lengths)
 
 
 def classification_loss(model: nn.Module, batch) -> torch.Tensor:
-    """Cross-entropy of a `SpamBatch` (input_ids, lengths, labels)."""
-    logits = batch_logits(model, batch.input_ids, batch.lengths)
-    return F.cross_entropy(logits, batch.labels.to(logits.device))
+    """Cross-entropy of a `SpamBatch` (input_ids, lengths, labels), or of a `PrefixBatch` (hidden states,
+    lengths, labels)."""
+    inputs, lengths, labels = batch  # inputs: token ids, or hidden states
+    logits = batch_logits(model, inputs, lengths)
+    return F.cross_entropy(logits, labels.to(logits.device))
 
 
 @torch.no_grad()
@@ -58,8 +61,9 @@ def evaluate(model: nn.Module, loader, max_batches: int | None = None) -> dict[s
         for i, batch in enumerate(loader):
             if max_batches is not None and i >= max_batches:
                 break
-            logits = batch_logits(model, batch.input_ids, batch.lengths)  # (batch, classes)
-            labels = batch.labels.to(logits.device)  # (batch,)
+            inputs, lengths, labels = batch  # inputs: token ids, or hidden states (see classification_loss)
+            logits = batch_logits(model, inputs, lengths)  # (batch, classes)
+            labels = labels.to(logits.device)  # (batch,)
             total_loss += F.cross_entropy(logits, labels, reduction="sum").item()
             correct += (logits.argmax(dim=-1) == labels).sum().item()
             seen += len(labels)

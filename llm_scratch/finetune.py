@@ -26,6 +26,7 @@ from llm_scratch.classifier import (
 from llm_scratch.config import PRESETS, GPTConfig, pick_device, quick_mode
 from llm_scratch.data import LABELS, load_spam_splits, spam_dataloaders
 from llm_scratch.files import atomic_path, require_finite, save_safetensors
+from llm_scratch.frozen_prefix import skip_frozen_prefix
 from llm_scratch.lora import LoRAConfig, parameter_summary
 from llm_scratch.loraplus import loraplus_param_groups
 from llm_scratch.methods import (
@@ -228,14 +229,16 @@ def _train_into(folder: Path, settings: FinetuneSettings, quick: bool, model_nam
     loaders = spam_dataloaders(splits, batch_size=settings.batch_size,
                                context_length=model.cfg.context_length, bucket=settings.bucket,
                                seed=settings.seed)
-
-    history = train_classifier(model, loaders.train, loaders.validation, epochs=epochs, lr=lr,
+    # Last-block: the frozen embeddings and blocks run once per message; the rest of the model trains on that.
+    prefix = skip_frozen_prefix(model, loaders, settings.progress)  # else: the model and loaders
+    trained, loaders = prefix.model, prefix.loaders
+    history = train_classifier(trained, loaders.train, loaders.validation, epochs=epochs, lr=lr,
                                eval_every=settings.eval_every, seed=settings.seed, device=device,
                                progress=settings.progress, param_groups=groups, precision=settings.precision)
     accuracies = {}  # each split's accuracy, its number of messages and its 95% interval
     for name, loader in zip(("train", "validation", "test"), loaders[:3], strict=True):
         with autocast(settings.precision, device):
-            accuracy, total = evaluate(model, loader)["accuracy"], len(loader.dataset)
+            accuracy, total = evaluate(trained, loader)["accuracy"], len(loader.dataset)
         interval = wilson_interval(round(accuracy * total), total)
         accuracies.update({f"{name}_accuracy": accuracy, f"{name}_examples": total,
                            f"{name}_accuracy_interval": list(interval)})
@@ -253,7 +256,7 @@ def _train_into(folder: Path, settings: FinetuneSettings, quick: bool, model_nam
         **run, **accuracies, "epochs": epochs, "lr": lr, "batch_size": settings.batch_size,
         "bucket": settings.bucket, "device": str(device), "precision": settings.precision,
         "trainable_parameters": summary.trainable, "total_parameters": summary.base,
-        "train_time_s": history.wall_time_s, "peak_memory_mb": history.peak_memory_mb,
+        "train_time_s": history.wall_time_s + prefix.seconds, "peak_memory_mb": history.peak_memory_mb,
         "peak_memory_kind": history.peak_memory_kind, "saved_file": saved.name,
         "saved_file_mb": saved.stat().st_size / 2**20, "history": history.to_dict(),
     }

@@ -161,13 +161,28 @@ class GPTModel(nn.Module):
                     f"than the model's context length {self.cfg.context_length}; start a new cache from the "
                     f"last tokens (at most {self.cfg.context_length})"
                 )
-        positions = torch.arange(start, start + n_tokens, device=idx.device)  # (n_tokens,)
-        x = self.tok_emb(idx) + self.pos_emb(positions)  # (batch, n_tokens, emb_dim)
-        x = self.drop_emb(x)
-        for i, block in enumerate(self.blocks):
-            x = block(x, None if cache is None else cache[i])  # (batch, n_tokens, emb_dim)
+        x = self.embed(idx, start)  # (batch, n_tokens, emb_dim)
+        x = self.run_blocks(x, cache=cache)  # (batch, n_tokens, emb_dim)
         x = self.final_norm(x)
         return self.out_head(x)  # (batch, n_tokens, vocab_size), or (..., num_classes) for a classifier
+
+    def embed(self, idx: torch.Tensor, start: int = 0) -> torch.Tensor:
+        """Token plus position embeddings (then dropout) of token ids (batch, n_tokens) whose first token
+        sits at position `start` of the sequence."""
+        positions = torch.arange(start, start + idx.shape[1], device=idx.device)  # (n_tokens,)
+        x = self.tok_emb(idx) + self.pos_emb(positions)  # (batch, n_tokens, emb_dim)
+        return self.drop_emb(x)
+
+    def run_blocks(self, x: torch.Tensor, start_block: int = 0, stop_block: int | None = None,
+                   cache: list[KVCache] | None = None) -> torch.Tensor:
+        """Hidden states (batch, n_tokens, emb_dim) through blocks `start_block` to `stop_block - 1` (default:
+        to the last one).
+
+        `forward` runs them all; `llm_scratch.frozen_prefix` runs frozen first blocks once and the rest often.
+        """
+        for i in range(start_block, len(self.blocks) if stop_block is None else stop_block):
+            x = self.blocks[i](x, None if cache is None else cache[i])  # (batch, n_tokens, emb_dim)
+        return x
 
 
 @contextmanager

@@ -149,6 +149,34 @@ def test_bench_pretrain_smoke(capsys, monkeypatch):
         assert rows[str(i)] == [f"{a:.5f}", f"{b:.5f}"]
 
 
+def test_bench_last_block_smoke(capsys, monkeypatch):
+    bench = load_script("bench_last_block", monkeypatch)
+    results = bench.main(["--smoke"])  # tiny shape, quick data, batch 8, checks every 5 steps, one round
+    rows = markdown_rows(capsys.readouterr().out)
+    ordinary, cached = (results["epoch_s"][name] for name in bench.PATHS)
+    assert rows[bench.LABELS["ordinary"]] == [f"{ordinary:.2f} s", "1.00x"]
+    assert rows[bench.LABELS["cached"]] == [f"{cached:.2f} s", f"{ordinary / cached:.2f}x"]
+    whole_run = 5 * ordinary / (results["cache_s"] + 5 * cached)  # finetune's 5 epochs, the cache included
+    assert rows["5 epochs (finetune's default), cache included: ordinary / cached"] == [f"{whole_run:.2f}x"]
+
+    # What was cached, from the data alone: the embeddings and block 0 of the tiny preset's 2 blocks, for
+    # every message of the three splits, each as many fp32 vectors of 64 numbers as it has tokens.
+    splits = bench.load_spam_splits(quick=True)
+    loaders = bench.spam_dataloaders(splits, context_length=PRESETS["tiny"].context_length)
+    lengths = [n for loader in loaders[:3] for n in loader.dataset.lengths]
+    assert len(lengths) == 500
+    assert (results["n_blocks"], results["n_layers"], results["messages"]) == (1, 2, 500)
+    assert results["cache_mb"] == sum(lengths) * 64 * 4 / 2**20
+    assert results["steps"] == math.ceil(len(splits.train) / 8) == 44
+    assert rows["blocks in the cached prefix (with the embeddings)"] == ["1 of 2"]
+    cache_row = rows["computing the cache once (500 messages of the three splits)"]
+    assert cache_row == [f"{results['cache_s']:.2f} s"]
+    assert rows["the cache's memory (fp32, unpadded)"] == [f"{results['cache_mb']:,.1f} MB"]
+    # The same weights and batches: the same losses but for float rounding.
+    assert results["loss_difference"] < 1e-4
+    assert rows["largest step-loss difference (44 steps)"] == [f"{results['loss_difference']:.1e}"]
+
+
 def test_bench_full_mode_times_every_method_per_position(monkeypatch):
     bench = load_script("bench_full_mode", monkeypatch)
     base = bench.add_classification_head(bench.GPTModel(bench.GPTConfig.from_preset("tiny")))
