@@ -85,7 +85,8 @@ def decoding_layout(model: nn.Module) -> Iterator[nn.Module]:
     Why: with a KV cache, each step multiplies one token's vector by every weight matrix, a matrix-vector
     product whose speed is how fast the weights stream from memory. On the CPUs measured, PyTorch reads the
     (in, out) layout about 15% faster, and one product is faster than three. Re-laying out gpt2-small's 124
-    million weights takes about 0.15 s each way, which a long generation repays (benchmarks/RESULTS.md).
+    million weights takes about 0.25 s each way, which a generation of 50 tokens or more repays
+    (benchmarks/RESULTS.md).
     """
     linears = [module for module in model.modules() if isinstance(module, nn.Linear)]
     fused = [module for module in model.modules() if isinstance(module, MultiHeadAttention)
