@@ -62,14 +62,16 @@ def build(name: str, cfg: GPTConfig, rank: int, alpha: float, seed: int = 123) -
     return model.train()
 
 
-def train_step(model: torch.nn.Module, param_groups: list[dict] | None = None,
-               precision: str = "fp32") -> Callable[[SpamBatch], float]:
+def train_step(model: torch.nn.Module, param_groups: list[dict] | None = None, precision: str = "fp32",
+               fused: bool = False) -> Callable[[SpamBatch], float]:
     """One AdamW step (forward, loss, backward, update) of `model` on a batch; returns the loss.
 
     `param_groups` (e.g. LoRA+'s) replaces the one group of every trainable parameter; `precision` "bf16"
-    runs the forward pass under autocast, as `finetune --precision bf16` does."""
+    runs the forward pass under autocast, as `finetune --precision bf16` does; `fused` AdamW is what
+    `training.train` uses (the tables measured before it existed use the plain one)."""
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(param_groups if param_groups is not None else trainable, lr=1e-5)
+    optimizer = torch.optim.AdamW(param_groups if param_groups is not None else trainable, lr=1e-5,
+                                  fused=fused)
     ours = hasattr(model, "blocks")
 
     def step(batch: SpamBatch) -> float:

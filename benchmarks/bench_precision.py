@@ -46,7 +46,7 @@ def matmul_gflops_of(dtype: torch.dtype, n: int, repeats: int) -> float:
 
 def step_profile(cfg: GPTConfig, args: argparse.Namespace) -> dict[str, float]:
     """Self CPU seconds per operator of one full fp32 training step (after a warm-up step)."""
-    step = train_step(build("ours full", cfg, args.rank, args.alpha))
+    step = train_step(build("ours full", cfg, args.rank, args.alpha), fused=True)
     batch = random_batch(args.batch_size, args.tokens, cfg.vocab_size)
     step(batch)
     with profile(activities=[ProfilerActivity.CPU]) as prof:
@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> dict:
     batch = random_batch(args.batch_size, args.tokens, cfg.vocab_size)
 
     steps = {f"{method} {precision}": train_step(build(f"ours {method}", cfg, args.rank, args.alpha),
-                                                 precision=precision)
+                                                 precision=precision, fused=True)
              for method in ("lora", "full") for precision in ("fp32", "bf16")}
     times = alternating_times({name: (lambda s=s: s(batch)) for name, s in steps.items()},
                               args.warmup, args.repeats)
