@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 
 from bench_finetune import (  # benchmarks/ is on the path when run as a script
     add_step_options,
     alternating_times,
     build,
+    parse_step_args,
     peak_memory_mb,
     random_batch,
     step_table,
@@ -44,10 +44,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_step_options(parser, repeats=15)
-    args = parser.parse_args(argv)
-    if args.smoke:
-        args.preset, args.tokens, args.warmup, args.repeats = "tiny", 16, 1, 2
-    command = "python benchmarks/bench_dora.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    args, command = parse_step_args(parser, argv, "bench_dora.py")
     cfg = GPTConfig.from_preset(args.preset)
     batch = random_batch(args.batch_size, args.tokens, cfg.vocab_size)
 

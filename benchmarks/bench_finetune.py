@@ -199,6 +199,15 @@ def add_step_options(parser: argparse.ArgumentParser, repeats: int) -> None:
     parser.add_argument("--smoke", action="store_true", help="tiny shapes, a few steps (CI)")
 
 
+def parse_step_args(parser: argparse.ArgumentParser, argv: list[str] | None,
+                    script: str) -> tuple[argparse.Namespace, str]:
+    """The options of a step timing (`--smoke`: tiny shapes, 2 rounds) and the command line that gave them."""
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.preset, args.tokens, args.warmup, args.repeats = "tiny", 16, 1, 2
+    return args, f"python benchmarks/{script} " + " ".join(sys.argv[1:] if argv is None else argv)
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)

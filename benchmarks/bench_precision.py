@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 
 import torch
 from bench_finetune import (  # benchmarks/ is on the path when run as a script
@@ -21,6 +20,7 @@ from bench_finetune import (  # benchmarks/ is on the path when run as a script
     alternating_times,
     build,
     matmul_gflops,
+    parse_step_args,
     random_batch,
     train_step,
     training_flops,
@@ -58,12 +58,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_step_options(parser, repeats=7)
-    args = parser.parse_args(argv)
-    if args.smoke:
-        args.preset, args.tokens, args.warmup, args.repeats = "tiny", 16, 1, 2
+    args, command = parse_step_args(parser, argv, "bench_precision.py")
     if not device_supports("bf16", torch.device("cpu")):
         raise SystemExit("this CPU has no bfloat16 arithmetic: nothing to compare")
-    command = "python benchmarks/bench_precision.py " + " ".join(sys.argv[1:] if argv is None else argv)
     cfg = GPTConfig.from_preset(args.preset)
     batch = random_batch(args.batch_size, args.tokens, cfg.vocab_size)
 
