@@ -9,6 +9,7 @@ import ast
 import contextlib
 import importlib.util
 import io
+import json
 import re
 import subprocess
 import sys
@@ -83,6 +84,9 @@ def test_notebook_is_committed_without_outputs(path: Path):
     relative = path.relative_to(ROOT)
     assert not executed, (f"{relative}: cells {executed} hold outputs or execution counts; clear them: "
                           f"`jupyter nbconvert --clear-output --inplace {relative}`")
+    raw = json.loads(path.read_text())  # nbformat.read adds missing cell ids; the file must have them
+    without_id = [index for index, cell in enumerate(raw["cells"]) if "id" not in cell]
+    assert not without_id, f"{relative}: cells {without_id} have no id (nbformat 4.5 requires one)"
 
 
 @pytest.mark.parametrize("path", EVERY, ids=ids)
