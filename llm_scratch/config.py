@@ -72,8 +72,13 @@ FIGURES_ENV = "LLM_SCRATCH_FIGURES"  # where figures go (default: runs/figures; 
 RUNS_ENV = "LLM_SCRATCH_RUNS"  # where notebooks write their run files (default: the project's runs/)
 
 
-def quick_mode() -> bool:
-    """True when LLM_SCRATCH_QUICK is 1/true/yes/on: tiny model, shipped data, a few steps, no network."""
+def quick_mode(override: bool | None = None) -> bool:
+    """Quick mode (tiny model, shipped data, a few steps, no network): `override` when it is True or False,
+    else whether LLM_SCRATCH_QUICK is 1/true/yes/on."""
+    if override is not None:
+        if not isinstance(override, bool):
+            raise ValueError(f"quick mode is True, False or None (follow {QUICK_ENV}), got {override!r}")
+        return override
     return os.environ.get(QUICK_ENV, "").strip().lower() in {"1", "true", "yes", "on"}
 
 

@@ -82,7 +82,7 @@ class FinetuneSettings:
     seed: int = 123
     device: str | None = None  # None: CUDA, then MPS, then CPU
     precision: str = "fp32"  # "bf16" or "fp16": forward passes in 16 bits (llm_scratch.precision)
-    quick: bool = False  # tiny model, shipped data, no network (also LLM_SCRATCH_QUICK=1)
+    quick: bool | None = None  # tiny model, shipped data, no network; None: follow LLM_SCRATCH_QUICK
     data_path: Path | None = None  # a local SMSSpamCollection file or UCI zip instead of the download
     weights_path: Path | None = None  # a local GPT-2 model.safetensors instead of the download
     random_init: bool = False  # start from random weights instead of pretrained GPT-2
@@ -170,7 +170,7 @@ def finetune(settings: FinetuneSettings) -> dict:
     if loraplus is not None and method not in LORA_METHODS:
         raise ValueError(f"LoRA+ (loraplus_lr_ratio={loraplus}) sets the learning rate of LoRA's B matrices; "
                          f"use it with method lora or dora, not {method!r}")
-    quick = settings.quick or quick_mode()
+    quick = quick_mode(settings.quick)
     model_name = _model_name(settings, quick)
     device = _device(settings.device)
     check_precision(settings.precision, device)  # before anything is written

@@ -57,7 +57,7 @@ class PretrainSettings:
     device: str | None = None  # None: CUDA, then MPS, then CPU
     precision: str = "fp32"  # "bf16" or "fp16": forward passes in 16 bits (llm_scratch.precision)
     out: Path | None = None  # the run folder; None: runs/pretrain
-    quick: bool = False  # the tiny model and the QUICK_ defaults (also LLM_SCRATCH_QUICK=1)
+    quick: bool | None = None  # the tiny model and the QUICK_ defaults; None: follow LLM_SCRATCH_QUICK
     eval_every: int | None = None  # steps between validation-loss checks; None: EVAL_EVERY (QUICK_...)
     sample_prompt: str = "I had always thought"  # continued after every epoch, to watch the model learn
     progress: bool = True  # progress bars
@@ -83,7 +83,7 @@ def pretrain(settings: PretrainSettings) -> dict:
     """Pretrain a GPT from random weights on a text; write the model (model.safetensors + config.json, GPT-2's
     layout), metrics.json, loss.png and samples.txt. Returns the metrics, e.g. `pretrain(PretrainSettings())`.
     """
-    quick = settings.quick or quick_mode()
+    quick = quick_mode(settings.quick)
     if quick and settings.model_name != QUICK_MODEL_NAME:
         raise ValueError(f"quick mode trains the {QUICK_MODEL_NAME!r} preset, but model_name is "
                          f"{settings.model_name!r}; leave out --quick (and LLM_SCRATCH_QUICK) to train it")

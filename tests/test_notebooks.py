@@ -99,8 +99,13 @@ def test_setup_check_then_settings_cell_reading_quick_mode_through_the_package(p
     tagged = [index for index, cell in enumerate(cells) if "parameters" in cell.metadata.get("tags", [])]
     assert tagged == [1], f"{path.name}: the second code cell, and only it, must be tagged `parameters`"
 
-    settings = {node.targets[0].id: node.value for node in python_of(cells[1]).body
-                if isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name)}
+    assignments = [(node.targets[0].id, node.value) for node in python_of(cells[1]).body
+                   if isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name)]
+    switch = [value for name, value in assignments if name == "QUICK"][:1]
+    assert switch and isinstance(switch[0], ast.Constant) and switch[0].value is None, (
+        f"{path.name}: the settings cell must start its QUICK setting with the switch `QUICK = None` (None "
+        "follows LLM_SCRATCH_QUICK; a student sets True or False)")
+    settings = dict(assignments)  # the last value of each name
     for name, function in {"QUICK": "quick_mode", "DEVICE": "pick_device"}.items():
         value = settings.get(name)
         called = isinstance(value, ast.Call) and ast.unparse(value.func) == function

@@ -330,7 +330,7 @@ def load_spam_splits(data_dir: str | Path | None = None, data_path: str | Path |
     `quick=None` follows LLM_SCRATCH_QUICK. The real data is downloaded into `data_dir` when missing. With
     `write_csv=True` the splits are also written as CSV files to `data_dir` (quick mode: its `quick/` folder).
     """
-    quick = config.quick_mode() if quick is None else quick
+    quick = config.quick_mode(quick)
     data_dir = Path(data_dir).expanduser() if data_dir is not None else default_sms_dir()
     if data_path is not None:
         rows = read_sms_spam(data_path)
