@@ -18,6 +18,8 @@ from safetensors import SafetensorError, safe_open
 
 from llm_scratch.config import PRESETS, GPTConfig
 
+HF_WEIGHTS_FILE = "model.safetensors"  # a Hugging Face model's weights (GPT-2's as the Hub hosts them)
+HF_CONFIG_FILE = "config.json"  # a Hugging Face model's config (a GPT2Config), beside its weights
 N_HEADS_METADATA_KEY = "n_head"  # written by `save_gpt2_safetensors`: the one number shapes cannot tell
 
 
@@ -178,7 +180,7 @@ def infer_config(
     n_heads = None
     if metadata.get(N_HEADS_METADATA_KEY, "").isdigit():
         n_heads = int(metadata[N_HEADS_METADATA_KEY])
-    elif (config_json := path.with_name("config.json")).is_file():
+    elif (config_json := path.with_name(HF_CONFIG_FILE)).is_file():
         hf_config = json.loads(config_json.read_text())
         if (hf_config.get("n_embd"), hf_config.get("n_layer")) == (sizes["emb_dim"], sizes["n_layers"]):
             n_heads = hf_config.get("n_head")

@@ -18,12 +18,14 @@ from llm_scratch.training import History, train
 def add_classification_head(model: GPTModel, num_classes: int = 2, seed: int = 123) -> GPTModel:
     """Replace the vocabulary head (emb_dim -> 50,257) by a new `Linear(emb_dim, num_classes)`, in place.
 
-    The new head has a bias and is no longer tied to the token embedding. `seed` fixes its random init.
+    The new head is no longer tied to the token embedding and, like Hugging Face's
+    `GPT2ForSequenceClassification.score`, has no bias: so a fine-tuned classifier exports to Hugging Face
+    exactly. `seed` fixes its random init.
     """
     weight = model.tok_emb.weight
     with torch.random.fork_rng(devices=[]):  # seed the head without touching the caller's random state
         torch.manual_seed(seed)
-        head = nn.Linear(model.cfg.emb_dim, num_classes)
+        head = nn.Linear(model.cfg.emb_dim, num_classes, bias=False)
     model.out_head = head.to(device=weight.device, dtype=weight.dtype)
     return model
 
@@ -54,7 +56,7 @@ def classification_loss(model: nn.Module, batch) -> torch.Tensor:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader, max_batches: int | None = None) -> dict[str, float]:
+def evaluate_classifier(model: nn.Module, loader, max_batches: int | None = None) -> dict[str, float]:
     """{"loss": mean loss, "accuracy": share correct} over `loader` (or its first `max_batches` batches)."""
     total_loss, correct, seen = 0.0, 0, 0
     with eval_mode(model):
@@ -74,7 +76,7 @@ def evaluate(model: nn.Module, loader, max_batches: int | None = None) -> dict[s
 
 def accuracy(model: nn.Module, loader, max_batches: int | None = None) -> float:
     """Share of correctly classified messages in `loader` (or its first `max_batches` batches)."""
-    return evaluate(model, loader, max_batches)["accuracy"]
+    return evaluate_classifier(model, loader, max_batches)["accuracy"]
 
 
 def wilson_interval(successes: int, total: int, confidence: float = 0.95) -> tuple[float, float]:
@@ -111,7 +113,7 @@ def train_classifier(model: nn.Module, train_loader, val_loader, **settings) -> 
     `settings` are `train`'s: epochs, lr, weight_decay, eval_every, eval_batches, seed, device, progress,
     param_groups, precision.
     """
-    return train(model, train_loader, val_loader, classification_loss, evaluate_fn=evaluate,
+    return train(model, train_loader, val_loader, classification_loss, evaluate_fn=evaluate_classifier,
                  count_fn=lambda batch: len(batch.labels), unit="examples", **settings)
 
 

@@ -10,10 +10,10 @@ import os
 import sys
 from pathlib import Path
 
+from llm_scratch.files import explain_error
 from llm_scratch.finetune import METHODS, FinetuneSettings, classify_with_run, compare, finetune
 from llm_scratch.precision import PRECISIONS
 from llm_scratch.pretrain import PretrainSettings, pretrain
-from llm_scratch.run_folder import explain_error
 
 # flag -> (type, choices, or None for a switch; help: {d.NAME} the settings' default, {m.NAME} its module's)
 SHARED = {
@@ -23,9 +23,10 @@ SHARED = {
     "--device": (str, "cpu, cuda, cuda:N or mps (default: the best available)"),
     "--precision": (PRECISIONS, "fp32 (default), or bf16 / fp16: 16-bit matrix products, float32 weights"),
     "--quick": (None, "tiny model, shipped data, no network (also LLM_SCRATCH_QUICK=1)"),
+    "--overwrite": (None, "replace the run already in --out, once the new run is complete"),
 }
 FINETUNE = {
-    "--method": (METHODS, "default {d.method}"), "--overwrite": (None, "replace the run already in --out"),
+    "--method": (METHODS, "default {d.method}"),
     "--model-name": (str, "gpt2-small (the default), gpt2-medium, gpt2-large or gpt2-xl"),
     "--out": (Path, "run folder, written when complete (default runs/METHOD)"),
     "--rank": (int, "LoRA rank (default {d.lora_config.rank})"),
@@ -39,7 +40,8 @@ FINETUNE = {
 }
 PRETRAIN = {
     "--model-name": (str, "tiny (the default), gpt2-small, gpt2-medium, gpt2-large or gpt2-xl"),
-    "--out": (Path, "run folder (default runs/pretrain)"), "--stride": (int, "(default: no overlap)"),
+    "--out": (Path, "run folder, written when complete (default runs/pretrain)"),
+    "--stride": (int, "(default: no overlap)"),
     "--data-path": (Path, "a UTF-8 text file (default: the story that ships with the package)"),
     "--context-length": (int, "window length (default {m.CONTEXT_LENGTH}, quick {m.QUICK_CONTEXT_LENGTH})"),
     "--eval-every": (int, "steps between loss checks (default {m.EVAL_EVERY}, quick {m.QUICK_EVAL_EVERY})"),
@@ -88,9 +90,13 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # the reader went away (`| head -1`): stop quietly, as Unix tools do
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
         return 141
-    except (ValueError, RuntimeError, OSError, KeyboardInterrupt) as error:  # OSError: a full disk, ...
+    except KeyboardInterrupt:  # one line, no traceback; exit code 130 as a shell gives it
+        print("error: interrupted (Ctrl-C): the run in progress changed no run folder and left no file "
+              "half-written", file=sys.stderr)
+        return 130
+    except (ValueError, RuntimeError, OSError) as error:  # OSError: a full disk, ...
         print(f"error: {explain_error(error)}", file=sys.stderr)  # one line, no traceback
-        return 130 if isinstance(error, KeyboardInterrupt) else 2
+        return 2
     return 0
 
 

@@ -63,6 +63,7 @@ PRESETS: dict[str, GPTConfig] = {
     # A toy model with GPT-2's real vocabulary, for quick mode and tests: runs in milliseconds on a CPU.
     "tiny": GPTConfig(context_length=256, emb_dim=64, n_heads=4, n_layers=2),
 }
+QUICK_PRESET = "tiny"  # the model every quick-mode run trains (random weights, no download)
 
 
 QUICK_ENV = "LLM_SCRATCH_QUICK"  # 1/true/yes/on: tiny model, shipped data, a few steps, no network

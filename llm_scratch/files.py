@@ -1,8 +1,10 @@
-"""Files: writing them so that a crash or a full disk never leaves half a file behind, and reading
-safetensors files so that a NaN or an infinity never reaches a model unnoticed."""
+"""Files: writing them so that a crash or a full disk never leaves half a file behind, reading safetensors
+files so that a NaN or an infinity never reaches a model unnoticed, and file-system errors in words a
+student can act on."""
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import tempfile
@@ -80,3 +82,26 @@ def read_safetensors(path: str | Path, device: str | torch.device = "cpu") -> di
     for name, tensor in tensors.items():
         require_finite(tensor, name, path)
     return tensors
+
+
+_OS_ADVICE = {
+    errno.ENOSPC: "the disk is full: free some space, or choose a folder on another disk",
+    errno.EFBIG: "the file is larger than this system allows (a file-size limit, see `ulimit -f`)",
+    errno.EACCES: "no permission: choose a folder you can write to, or fix its permissions",
+    errno.EPERM: "no permission: choose a folder you can write to, or fix its permissions",
+    errno.EROFS: "the file system is read-only: choose a folder on a writable disk",
+    errno.EEXIST: "a file is in the way where a folder is needed: move it, or choose another path",
+    errno.ENOTDIR: "a file is in the way where a folder is needed: move it, or choose another path",
+    errno.EISDIR: "a folder is in the way where a file is needed: choose another path",
+    errno.ENOENT: "no such file or folder: check the path",
+}
+
+
+def explain_error(error: BaseException) -> str:
+    """One line for the user: our own errors as they are; an operating-system error with its path and what
+    to do (disk full, no permission, ...)."""
+    if not isinstance(error, OSError) or error.errno is None:
+        return str(error)
+    where = " -> ".join(str(name) for name in (error.filename, error.filename2) if name is not None)
+    advice = _OS_ADVICE.get(error.errno, "check the path and the disk")
+    return f"{where or 'a file'}: {error.strerror or error}; {advice}"

@@ -4,8 +4,9 @@ Last-block fine-tuning freezes the embeddings and every block but the last; with
 dropout either. They then map each message to the same hidden states at every epoch, so running them again at
 every step repeats work. `skip_frozen_prefix` runs them once per message and returns the rest of the model
 (`AfterPrefix`: the remaining blocks, the final norm, the head) with loaders of the stored hidden states that
-make the very batches the token loaders would have made. The training loop, the loss and `evaluate` stay as
-they are: they see a smaller model and batches of hidden states instead of token ids.
+make the very batches the token loaders would have made. The training loop, the loss and
+`evaluate_classifier` stay as they are: they see a smaller model and batches of hidden states instead of
+token ids.
 """
 
 from __future__ import annotations

@@ -29,7 +29,7 @@ def next_token_loss(model: nn.Module, batch) -> torch.Tensor:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader, max_batches: int | None = None) -> dict[str, float]:
+def evaluate_language_model(model: nn.Module, loader, max_batches: int | None = None) -> dict[str, float]:
     """{"loss": mean next-token loss per token, "perplexity": exp(loss)} over `loader` (or its first
     `max_batches` batches), in eval mode."""
     total_loss, n_tokens = 0.0, 0
@@ -57,7 +57,7 @@ def train_language_model(model: nn.Module, train_loader, val_loader, **settings)
     `settings` are `train`'s: epochs, lr, weight_decay, eval_every, eval_batches, seed, device, progress,
     on_epoch_end, precision.
     """
-    return train(model, train_loader, val_loader, next_token_loss, evaluate_fn=evaluate,
+    return train(model, train_loader, val_loader, next_token_loss, evaluate_fn=evaluate_language_model,
                  count_fn=count_tokens, unit="tokens", **settings)
 
 

@@ -19,15 +19,16 @@ import math
 from torch import nn
 
 from llm_scratch.lora import lora_layers
-from llm_scratch.model import LayerNorm
+from llm_scratch.training import no_weight_decay
 
 
 def loraplus_param_groups(model: nn.Module, lr: float, loraplus_lr_ratio: float) -> list[dict]:
     """Optimizer parameter groups for LoRA+: every trainable tensor once, B at `lr * loraplus_lr_ratio`.
 
     The groups are those of Hugging Face PEFT's `create_loraplus_optimizer`: matrices (A, the head's weight)
-    at `lr`; B and every other 1-D tensor (DoRA's m, biases) at `lr * loraplus_lr_ratio`; biases and norm
-    parameters without weight decay. The other groups take the optimizer's weight decay.
+    at `lr`; B and every other 1-D tensor (DoRA's m, biases) at `lr * loraplus_lr_ratio`. Weight decay
+    follows the package's one rule (`llm_scratch.training.no_weight_decay`): none on biases and norms; the
+    other groups take the optimizer's weight decay.
     """
     if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not 0 < lr < math.inf:
         raise ValueError(f"lr must be a finite number > 0, got {lr!r}")
@@ -40,16 +41,15 @@ def loraplus_param_groups(model: nn.Module, lr: float, loraplus_lr_ratio: float)
         raise RuntimeError("LoRA+ sets the learning rate of LoRA's B matrices, and the model has none; call "
                            "replace_linear_with_lora(model, ...) first")
     b_matrices = {id(layer.lora.B) for layer in layers.values()}
-    no_decay = {id(p) for m in model.modules() if isinstance(m, (nn.LayerNorm, LayerNorm))
-                for p in m.parameters()}
+    exempt = no_weight_decay(model)  # the package's one rule: no decay on biases and norms
     a_group, b_group, b_no_decay = [], [], []
-    for name, param in model.named_parameters():
+    for param in model.parameters():
         if not param.requires_grad:
             continue
         if id(param) not in b_matrices and param.ndim != 1:
             a_group.append(param)  # A and other matrices, e.g. the classification head's weight
-        elif "bias" in name or id(param) in no_decay:
-            b_no_decay.append(param)
+        elif id(param) in exempt:
+            b_no_decay.append(param)  # biases and norms
         else:
             b_group.append(param)  # B, and 1-D tensors such as DoRA's magnitudes
     groups = [{"params": a_group, "lr": lr}, {"params": b_group, "lr": lr * ratio},

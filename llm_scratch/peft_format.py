@@ -34,8 +34,8 @@ from llm_scratch.files import atomic_path, save_safetensors
 from llm_scratch.lora import LinearWithLoRA, LoRAConfig, lora_layers
 from llm_scratch.model import GPTModel
 
-CONFIG_FILE = "adapter_config.json"
-WEIGHTS_FILE = "adapter_model.safetensors"
+PEFT_CONFIG_FILE = "adapter_config.json"
+PEFT_WEIGHTS_FILE = "adapter_model.safetensors"
 PREFIX = "base_model.model."  # PEFT's name of the Hugging Face model inside a PeftModel
 HEAD, HF_HEAD = "out_head", "score"  # the classification head, ours and Hugging Face's
 FUSED = "attn.c_attn"  # Hugging Face's query, key and value in one layer
@@ -116,10 +116,10 @@ def save_peft_adapter(model: GPTModel, folder: str | Path, config: LoRAConfig, *
     fused = any(len(names) > 1 for names in used.values())
     peft_config = {**_peft_config(model, config, sorted(used), fused),
                    "base_model_name_or_path": base_model_name_or_path}
-    with atomic_path(folder / CONFIG_FILE) as temporary:
+    with atomic_path(folder / PEFT_CONFIG_FILE) as temporary:
         temporary.write_text(json.dumps(peft_config, indent=2) + "\n")
     tensors = {key: value.detach().to("cpu").contiguous().clone() for key, value in tensors.items()}
-    save_safetensors(tensors, folder / WEIGHTS_FILE, metadata={"format": "pt"})
+    save_safetensors(tensors, folder / PEFT_WEIGHTS_FILE, metadata={"format": "pt"})
     return folder
 
 
@@ -228,7 +228,7 @@ def _split(module: str, lora_a: torch.Tensor, lora_b: torch.Tensor, magnitude: t
 def _read_peft_adapter(folder: Path) -> tuple[dict, dict[str, tuple], dict[str, torch.Tensor]]:
     """adapter_config.json; each Hugging Face module's (lora_A, lora_B, magnitude or None); the head's
     tensors ({"weight": ...}). Refuses what this loader cannot load."""
-    config_path, weights_path = folder / CONFIG_FILE, folder / WEIGHTS_FILE
+    config_path, weights_path = folder / PEFT_CONFIG_FILE, folder / PEFT_WEIGHTS_FILE
     for path in (config_path, weights_path):
         if not path.is_file():
             raise FileNotFoundError(f"no {path.name} in {folder}; pass the folder that PEFT's "

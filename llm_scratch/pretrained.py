@@ -15,6 +15,8 @@ from huggingface_hub import hf_hub_download
 from safetensors import safe_open
 
 from llm_scratch.checkpoint import (
+    HF_CONFIG_FILE,
+    HF_WEIGHTS_FILE,
     N_HEADS_METADATA_KEY,
     block_of,
     check_layout,
@@ -36,7 +38,6 @@ HF_REPOS: dict[str, str] = {
     "gpt2-large": "openai-community/gpt2-large",
     "gpt2-xl": "openai-community/gpt2-xl",
 }
-WEIGHTS_FILE = "model.safetensors"
 
 
 def download_gpt2(model_name: str = "gpt2-small", cache_dir: str | Path | None = None) -> Path:
@@ -45,17 +46,17 @@ def download_gpt2(model_name: str = "gpt2-small", cache_dir: str | Path | None =
         raise ValueError(f"unknown GPT-2 size {model_name!r}; valid names: {', '.join(HF_REPOS)}")
     repo = HF_REPOS[model_name]
     try:
-        return Path(hf_hub_download(repo_id=repo, filename=WEIGHTS_FILE, cache_dir=cache_dir))
+        return Path(hf_hub_download(repo_id=repo, filename=HF_WEIGHTS_FILE, cache_dir=cache_dir))
     except Exception as err:  # network, SSL, proxy, HTTP and offline-cache errors all come through here
         cache = Path(cache_dir) if cache_dir is not None else Path(hf_constants.HF_HUB_CACHE)
         offline = " (HF_HUB_OFFLINE is set: only the cache was read)" if hf_constants.HF_HUB_OFFLINE else ""
-        url = f"{hf_constants.ENDPOINT}/{repo}/resolve/main/{WEIGHTS_FILE}"
+        url = f"{hf_constants.ENDPOINT}/{repo}/resolve/main/{HF_WEIGHTS_FILE}"
         raise RuntimeError(
-            f"could not get {WEIGHTS_FILE} of the Hugging Face repo {repo} ({model_name}) into the cache "
+            f"could not get {HF_WEIGHTS_FILE} of the Hugging Face repo {repo} ({model_name}) into the cache "
             f"folder {cache}{offline}: {type(err).__name__}: {err}\n"
             "Three ways on:\n"
             f"  1. download {url} another way (a browser, another network) and pass the file:\n"
-            f"     load_gpt2({model_name!r}, weights_path='path/to/{WEIGHTS_FILE}')\n"
+            f"     load_gpt2({model_name!r}, weights_path='path/to/{HF_WEIGHTS_FILE}')\n"
             "  2. use a mirror: set the environment variable HF_ENDPOINT (e.g. HF_ENDPOINT=https://hf-mirror.com)\n"
             "     and unset HF_HUB_OFFLINE, before starting Python (in Jupyter: restart the kernel)\n"
             "  3. run in quick mode (LLM_SCRATCH_QUICK=1): a tiny model made and loaded locally, no network"
@@ -155,7 +156,7 @@ def save_gpt2_safetensors(model: GPTModel, path: str | Path, *, hf_config: bool 
     tensors = {rule.hf_key: ours_to_hf(rule, params) for rule in rules}
     path = save_safetensors(tensors, path, metadata={"format": "pt", N_HEADS_METADATA_KEY: str(cfg.n_heads)})
     if hf_config:
-        path.with_name("config.json").write_text(json.dumps(hf_config_dict(cfg), indent=2) + "\n")
+        path.with_name(HF_CONFIG_FILE).write_text(json.dumps(hf_config_dict(cfg), indent=2) + "\n")
     return path
 
 
@@ -181,5 +182,5 @@ def hf_config_dict(cfg: GPTConfig) -> dict:
     return config
 
 
-__all__ = ["HF_REPOS", "download_gpt2", "hf_config_dict", "load_gpt2",
+__all__ = ["HF_CONFIG_FILE", "HF_REPOS", "HF_WEIGHTS_FILE", "download_gpt2", "hf_config_dict", "load_gpt2",
            "save_gpt2_safetensors"]

@@ -1,7 +1,9 @@
 """One training loop for any model and any loss (fine-tuning a classifier, pretraining a language model).
 
 The loop knows nothing of what it trains: the caller passes the loss, `loss_fn(model, batch) -> loss`, and
-optionally `evaluate_fn(model, loader, max_batches) -> {"loss": ..., other metrics}`.
+optionally `evaluate_fn(model, loader, max_batches) -> {"loss": ..., other metrics}`. It can warm the learning
+rate up and let it decay along a cosine, clip the gradients' norm, and save a checkpoint after every epoch
+that `resume_from` continues with the very losses an uninterrupted run would have had.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -21,13 +24,15 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from llm_scratch.config import pick_device
-from llm_scratch.model import eval_mode
+from llm_scratch.files import atomic_path
+from llm_scratch.model import LayerNorm, eval_mode
 from llm_scratch.precision import autocast, check_precision, grad_scaler
 
 # What usually makes a loss NaN or infinite, for the error that stops training.
 NON_FINITE_CAUSES = ("Likely causes: a learning rate too large (try one 10 times smaller), NaN or infinity "
                      "in the starting weights, half-precision (float16) weights or computation, or a LoRA "
                      "alpha too large.")
+LR_SCHEDULES = ("constant", "cosine")
 LossFn = Callable[[nn.Module, object], torch.Tensor]  # (model, batch) -> the batch's mean loss
 EvaluateFn = Callable[[nn.Module, DataLoader, "int | None"], dict[str, float]]
 
@@ -38,6 +43,7 @@ class History:
 
     unit: str = "examples"  # what `seen` counts: "examples" (messages) or "tokens"
     step_loss: list[float] = field(default_factory=list)  # training loss of every step
+    step_lr: list[float] = field(default_factory=list)  # learning rate of every step (the first group's)
     step_seen: list[int] = field(default_factory=list)  # examples (or tokens) seen after every step
     eval_seen: list[int] = field(default_factory=list)  # examples (or tokens) seen at each evaluation
     eval_train_loss: list[float] = field(default_factory=list)  # loss on a few training batches
@@ -111,6 +117,93 @@ def mean_loss(model: nn.Module, loader, loss_fn: LossFn, max_batches: int | None
     return {"loss": sum(losses) / len(losses)}
 
 
+# ---- The optimizer: one weight-decay rule, the learning-rate schedule ----
+
+def no_weight_decay(model: nn.Module) -> set[int]:
+    """ids of the parameters that AdamW must not pull towards 0: every bias and the normalization layers'
+    scale and shift. They set offsets and scales, not how features mix; decaying them only biases the model
+    (nanoGPT and Hugging Face's Trainer exempt them too). Every optimizer the package builds uses this."""
+    exempt = set()
+    for module in model.modules():
+        for name, param in module.named_parameters(recurse=False):
+            if name == "bias" or isinstance(module, (LayerNorm, nn.LayerNorm)):
+                exempt.add(id(param))
+    return exempt
+
+
+def weight_decay_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW parameter groups of the trainable parameters: those `no_weight_decay` exempts, and the rest."""
+    exempt = no_weight_decay(model)
+    trainable = [param for param in model.parameters() if param.requires_grad]
+    groups = [{"params": [p for p in trainable if id(p) not in exempt], "weight_decay": weight_decay},
+              {"params": [p for p in trainable if id(p) in exempt], "weight_decay": 0.0}]
+    return [group for group in groups if group["params"]]
+
+
+def lr_factor(step: int, total_steps: int, warmup_steps: int = 0, schedule: str = "constant",
+              min_lr_ratio: float = 0.1) -> float:
+    """The learning rate of step `step` (0, 1, ...) as a fraction of the peak: a linear warm-up over the first
+    `warmup_steps` steps (1/w, 2/w, ..., 1), then constant, or a cosine from 1 down to `min_lr_ratio` at
+    the last step."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if schedule == "constant":
+        return 1.0
+    progress = (step - warmup_steps) / max(1, total_steps - 1 - warmup_steps)  # 0 after warm-up, 1 at the end
+    return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def _optimizer(model: nn.Module, lr: float, weight_decay: float,
+               param_groups: list[dict] | None) -> torch.optim.AdamW:
+    """AdamW over `param_groups` (e.g. LoRA+'s), or over `weight_decay_groups`; fused=True: one kernel updates
+    every tensor, where the plain loop makes several passes over each (on a CPU, a tenth of a full
+    fine-tuning step of gpt2-small; benchmarks/RESULTS.md). The same update."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if not trainable:
+        raise ValueError("the model has no trainable parameter; choose what trains first (e.g. "
+                         "llm_scratch.methods.prepare_for_method)")
+    if param_groups is None:
+        param_groups = weight_decay_groups(model, weight_decay)
+    grouped = [param for group in param_groups for param in group["params"]]
+    if len(grouped) != len(trainable) or {id(p) for p in grouped} != {id(p) for p in trainable}:
+        raise ValueError(f"param_groups must hold every trainable parameter once and nothing else; they "
+                         f"hold {len(grouped)} tensors, the model has {len(trainable)} trainable")
+    # Copies of the groups: AdamW writes its defaults into the dicts it is given.
+    return torch.optim.AdamW([dict(g) for g in param_groups], lr=lr, weight_decay=weight_decay, fused=True)
+
+
+# ---- The loop ----
+
+@dataclass(frozen=True)
+class TrainOptions:
+    """How `train` steps: the schedule, clipping, evaluation and checkpoints (see `train`'s arguments)."""
+
+    epochs: int = 5
+    eval_every: int = 50
+    eval_batches: int = 5
+    warmup_steps: int = 0
+    lr_schedule: str = "constant"
+    min_lr_ratio: float = 0.1
+    max_grad_norm: float | None = None
+    precision: str = "fp32"
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1:
+            raise ValueError(f"epochs must be >= 1, got {self.epochs}")
+        if self.eval_every < 1 or self.eval_batches < 1:
+            raise ValueError(f"eval_every and eval_batches must be >= 1, got {self.eval_every} and "
+                             f"{self.eval_batches}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}, "
+                             f"got {self.lr_schedule!r}")
+        if self.warmup_steps < 0 or not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"warmup_steps must be >= 0 and min_lr_ratio in [0, 1], got {self.warmup_steps} "
+                             f"and {self.min_lr_ratio}")
+        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
+            raise ValueError(f"max_grad_norm must be > 0 (or None: no clipping), got {self.max_grad_norm}")
+
+
 def train(
     model: nn.Module,
     train_loader: DataLoader,
@@ -120,102 +213,160 @@ def train(
     evaluate_fn: EvaluateFn | None = None,
     count_fn: Callable[[object], int] = len,
     unit: str = "examples",
-    epochs: int = 5,
     lr: float = 5e-5,
     weight_decay: float = 0.01,
-    eval_every: int = 50,
-    eval_batches: int = 5,
     seed: int = 123,
     device: str | torch.device | None = None,
-    progress: bool = True,
     on_epoch_end: Callable[[int, nn.Module], None] | None = None,
     param_groups: list[dict] | None = None,
-    precision: str = "fp32",
+    checkpoint_path: str | Path | None = None,
+    resume_from: str | Path | None = None,
+    **options,
 ) -> History:
     """Train every parameter with `requires_grad` by AdamW on `loss_fn`; return the History.
 
-    `evaluate_fn` (default: the mean of `loss_fn`) measures a loader; `count_fn(batch)` says how many
-    `unit`s a batch holds. Every `eval_every` steps the loss on `eval_batches` training and validation
-    batches is recorded; after each epoch every metric on `eval_batches` training batches and on the whole
-    validation set, then `on_epoch_end(epoch, model)` runs (e.g. to print a sample). `param_groups`: AdamW
-    groups with their own learning rates (e.g. LoRA+'s), holding every trainable parameter once.
-    `precision` "bf16" or "fp16" runs the forward passes in that type (`llm_scratch.precision`).
+    `evaluate_fn` (default: the mean of `loss_fn`) measures a loader; `count_fn(batch)` says how many `unit`s
+    a batch holds. `options` are `TrainOptions`: `epochs`; every `eval_every` steps the loss on
+    `eval_batches` training and validation batches is recorded, and after each epoch every metric on
+    `eval_batches` training batches and on the whole validation set, then `on_epoch_end(epoch, model)` runs;
+    `warmup_steps`, `lr_schedule` ("constant" or "cosine", down to `min_lr_ratio` of `lr`), `max_grad_norm`
+    (clip the gradients' norm), `precision` ("bf16", "fp16": forward passes in 16 bits), `progress`.
+    AdamW exempts biases and norms from `weight_decay` (`no_weight_decay`); `param_groups`: groups with their
+    own learning rates (e.g. LoRA+'s) holding every trainable parameter once. `checkpoint_path`: save a
+    checkpoint after every epoch; `resume_from`: continue from one, with the losses an unbroken run has.
     """
-    if epochs < 1:
-        raise ValueError(f"epochs must be >= 1, got {epochs}")
-    if eval_every < 1 or eval_batches < 1:
-        raise ValueError(f"eval_every and eval_batches must be >= 1, got {eval_every} and {eval_batches}")
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    if not trainable:
-        raise ValueError("the model has no trainable parameter; choose what trains first (e.g. "
-                         "llm_scratch.finetune.prepare_for_method)")
-    evaluate_fn = evaluate_fn or (lambda m, loader, n: mean_loss(m, loader, loss_fn, n))
-    # Loss and metrics on the training set are estimated on its first `eval_batches` batches, read in a
-    # fixed order: iterating the shuffled loader for that would change the order training sees.
-    train_sample = DataLoader(train_loader.dataset, batch_size=train_loader.batch_size or 8,
-                              collate_fn=train_loader.collate_fn)
+    opts = TrainOptions(**options)
     device = device if isinstance(device, torch.device) else pick_device(device)
-    check_precision(precision, device)
+    check_precision(opts.precision, device)
     torch.manual_seed(seed)
     model.to(device)
-    # fused=True: one kernel updates every tensor, where the plain loop makes several passes over each (on a
-    # CPU, a tenth of a full fine-tuning step of gpt2-small; benchmarks/RESULTS.md). The same update.
-    if param_groups is None:
-        optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=weight_decay, fused=True)
-    else:
-        grouped = [param for group in param_groups for param in group["params"]]
-        if len(grouped) != len(trainable) or {id(p) for p in grouped} != {id(p) for p in trainable}:
-            raise ValueError(f"param_groups must hold every trainable parameter once and nothing else; they "
-                             f"hold {len(grouped)} tensors, the model has {len(trainable)} trainable")
-        # Copies of the groups: AdamW writes its defaults into the dicts it is given.
-        optimizer = torch.optim.AdamW([dict(g) for g in param_groups], lr=lr, weight_decay=weight_decay,
-                                      fused=True)
-    scaler = grad_scaler(precision, device)  # fp16: scales the loss up, the gradients back down
-
-    def measure(loader: DataLoader, max_batches: int | None) -> dict[str, float]:
-        with autocast(precision, device):
-            return evaluate_fn(model, loader, max_batches)
-
-    history = History(unit=unit, device=str(device))
-    seen, step = 0, 0
-    start = time.perf_counter()
+    optimizer = _optimizer(model, lr, weight_decay, param_groups)
+    total_steps = opts.epochs * len(train_loader)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(
+        step, total_steps, opts.warmup_steps, opts.lr_schedule, opts.min_lr_ratio))
+    run = _Run(model, optimizer, scheduler, grad_scaler(opts.precision, device), loss_fn,
+               evaluate_fn or (lambda m, loader, n: mean_loss(m, loader, loss_fn, n)), count_fn, opts, device,
+               History(unit=unit, device=str(device)), train_loader, val_loader)
+    first_epoch = 1 if resume_from is None else run.load_checkpoint(resume_from) + 1
+    start = time.perf_counter() - run.history.wall_time_s
     with PeakMemory(device) as memory:
-        for epoch in range(1, epochs + 1):
-            model.train()
-            # One iterator per epoch, made here: given the loader itself, tqdm.auto would make a spare one,
-            # which draws a seed from the loader's generator and so changes the order of the batches.
-            bar = tqdm(iter(train_loader), total=len(train_loader), desc=f"epoch {epoch}/{epochs}",
-                       disable=not progress, leave=False)
-            for batch in bar:
-                optimizer.zero_grad(set_to_none=True)
-                with autocast(precision, device):  # the forward pass; backward follows its types
-                    loss = loss_fn(model, batch)
-                value = loss.item()
-                if not math.isfinite(value):  # stop at once: every later step would be garbage
-                    raise RuntimeError(f"the training loss is {value} at step {step + 1} (epoch {epoch}); "
-                                       f"training stopped. {NON_FINITE_CAUSES}")
-                scaler.scale(loss).backward()  # without fp16: loss.backward()
-                scaler.step(optimizer)  # without fp16: optimizer.step()
-                scaler.update()
-                seen += count_fn(batch)
-                step += 1
-                history.step_loss.append(value)
-                history.step_seen.append(seen)
-                bar.set_postfix(loss=f"{history.step_loss[-1]:.3f}")
-                if step % eval_every == 0:
-                    history.eval_seen.append(seen)
-                    history.eval_train_loss.append(measure(train_sample, eval_batches)["loss"])
-                    history.eval_val_loss.append(measure(val_loader, eval_batches)["loss"])
-            measured = {f"train_{k}": v for k, v in measure(train_sample, eval_batches).items()}
-            measured.update({f"validation_{k}": v for k, v in measure(val_loader, None).items()})
-            for name, value in measured.items():
-                history.epoch_metrics.setdefault(name, []).append(value)
-            if progress:
-                tqdm.write(f"epoch {epoch}: " + ", ".join(f"{k.replace('_', ' ')} {v:.3f}"
-                                                          for k, v in measured.items()))
+        for epoch in range(first_epoch, opts.epochs + 1):
+            run.epoch(epoch)
             if on_epoch_end is not None:
                 on_epoch_end(epoch, model)
-    history.wall_time_s = time.perf_counter() - start
-    history.peak_memory_mb = memory.peak_mb
-    history.peak_memory_kind = memory.kind
-    return history
+            run.history.wall_time_s = time.perf_counter() - start
+            if checkpoint_path is not None:
+                run.save_checkpoint(checkpoint_path, epoch)
+    run.history.peak_memory_mb = max(memory.peak_mb, run.history.peak_memory_mb)
+    run.history.peak_memory_kind = memory.kind
+    return run.history
+
+
+class _Run:
+    """The state of one `train` call: the model, AdamW and its schedule, the History, the loaders."""
+
+    def __init__(self, model, optimizer, scheduler, scaler, loss_fn, evaluate_fn, count_fn, opts, device,
+                 history, train_loader, val_loader) -> None:
+        self.model, self.optimizer, self.scheduler, self.scaler = model, optimizer, scheduler, scaler
+        self.loss_fn, self.evaluate_fn, self.count_fn = loss_fn, evaluate_fn, count_fn
+        self.opts, self.device, self.history = opts, device, history
+        self.train_loader, self.val_loader = train_loader, val_loader
+        # Loss and metrics on the training set are estimated on its first `eval_batches` batches, read in a
+        # fixed order: iterating the shuffled loader for that would change the order training sees.
+        self.train_sample = DataLoader(train_loader.dataset, batch_size=train_loader.batch_size or 8,
+                                       collate_fn=train_loader.collate_fn)
+        self.seen = self.step = 0
+
+    def measure(self, loader: DataLoader, max_batches: int | None) -> dict[str, float]:
+        with autocast(self.opts.precision, self.device):
+            return self.evaluate_fn(self.model, loader, max_batches)
+
+    def epoch(self, epoch: int) -> None:
+        """One pass over the training loader, then the end-of-epoch metrics."""
+        self.model.train()
+        # One iterator per epoch, made here: given the loader itself, tqdm.auto would make a spare one, which
+        # draws a seed from the loader's generator and so changes the order of the batches.
+        opts, history = self.opts, self.history
+        bar = tqdm(iter(self.train_loader), total=len(self.train_loader), desc=f"epoch {epoch}/{opts.epochs}",
+                   disable=not opts.progress, leave=False)
+        for batch in bar:
+            self.train_step(batch, epoch)
+            bar.set_postfix(loss=f"{history.step_loss[-1]:.3f}")
+            if self.step % opts.eval_every == 0:
+                history.eval_seen.append(self.seen)
+                history.eval_train_loss.append(self.measure(self.train_sample, opts.eval_batches)["loss"])
+                history.eval_val_loss.append(self.measure(self.val_loader, opts.eval_batches)["loss"])
+        measured = {f"train_{k}": v for k, v in self.measure(self.train_sample, opts.eval_batches).items()}
+        measured.update({f"validation_{k}": v for k, v in self.measure(self.val_loader, None).items()})
+        for name, value in measured.items():
+            history.epoch_metrics.setdefault(name, []).append(value)
+        if opts.progress:
+            tqdm.write(f"epoch {epoch}: " + ", ".join(f"{k.replace('_', ' ')} {v:.3f}"
+                                                      for k, v in measured.items()))
+
+    def train_step(self, batch, epoch: int) -> None:
+        """Forward, backward, clipping (if set), the AdamW step and the schedule's; records the loss, the
+        learning rate and the count."""
+        self.optimizer.zero_grad(set_to_none=True)
+        with autocast(self.opts.precision, self.device):  # the forward pass; backward follows its types
+            loss = self.loss_fn(self.model, batch)
+        value = loss.item()
+        if not math.isfinite(value):  # stop at once: every later step would be garbage
+            raise RuntimeError(f"the training loss is {value} at step {self.step + 1} (epoch {epoch}); "
+                               f"training stopped. {NON_FINITE_CAUSES}")
+        self.scaler.scale(loss).backward()  # without fp16: loss.backward()
+        if self.opts.max_grad_norm is not None:
+            self.scaler.unscale_(self.optimizer)  # fp16: clip the true gradients, not the scaled ones
+            params = [p for group in self.optimizer.param_groups for p in group["params"]]
+            torch.nn.utils.clip_grad_norm_(params, self.opts.max_grad_norm)
+        self.history.step_lr.append(self.optimizer.param_groups[0]["lr"])
+        self.scaler.step(self.optimizer)  # without fp16: optimizer.step()
+        self.scaler.update()
+        self.scheduler.step()
+        self.seen += self.count_fn(batch)
+        self.step += 1
+        self.history.step_loss.append(value)
+        self.history.step_seen.append(self.seen)
+
+    def save_checkpoint(self, path: str | Path, epoch: int) -> None:
+        """Everything the next epochs depend on: weights, AdamW's state and schedule, the random generators
+        (dropout, the order of the batches), the History. Written all or nothing."""
+        state = {"epoch": epoch, "step": self.step, "seen": self.seen, "model": self.model.state_dict(),
+                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                 "scaler": self.scaler.state_dict(), "torch_rng": torch.get_rng_state(),
+                 "loader_rng": [g.get_state() for g in _generators(self.train_loader)],
+                 "history": self.history.to_dict()}
+        with atomic_path(path) as temporary:
+            torch.save(state, temporary)
+
+    def load_checkpoint(self, path: str | Path) -> int:
+        """Restore what `save_checkpoint` saved; return the epoch it was saved after."""
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"no checkpoint at {path}; pass the checkpoint_path of an earlier run")
+        state = torch.load(path, map_location=self.device, weights_only=True)
+        generators = _generators(self.train_loader)
+        if len(generators) != len(state["loader_rng"]) or state["epoch"] >= self.opts.epochs:
+            raise ValueError(f"{path} was saved after epoch {state['epoch']} of another run (or after this "
+                             f"run's last epoch, {self.opts.epochs}); resume with the same loaders and more "
+                             "epochs")
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        torch.set_rng_state(state["torch_rng"])
+        for generator, saved in zip(generators, state["loader_rng"], strict=True):
+            generator.set_state(saved)
+        self.step, self.seen = state["step"], state["seen"]
+        self.history = History(**state["history"])
+        return state["epoch"]
+
+
+def _generators(loader: DataLoader) -> list[torch.Generator]:
+    """The random generators that decide the order of `loader`'s batches (its own, its samplers')."""
+    found = [loader.generator, getattr(loader.sampler, "generator", None),
+             getattr(loader.batch_sampler, "generator", None)]
+    unique = []
+    for generator in found:
+        if generator is not None and all(generator is not seen for seen in unique):
+            unique.append(generator)
+    return unique

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -13,10 +14,10 @@ PACKAGE = ROOT / "llm_scratch"
 # Each module may import only modules of a lower level: data flows text -> tokens -> model -> training -> run.
 LEVELS = {
     "config": 0, "files": 0, "tokenizer": 0, "precision": 0,
-    "attention": 1,
+    "attention": 1, "run_folder": 1,
     "model": 2, "checkpoint": 2, "plots": 2, "data": 2, "dora": 2,
     "generate": 3, "pretrained": 3, "lora": 3, "training": 3, "frozen_prefix": 3,
-    "adapters": 4, "classifier": 4, "run_folder": 4, "loraplus": 4, "methods": 4, "language_model": 4,
+    "adapters": 4, "classifier": 4, "loraplus": 4, "methods": 4, "language_model": 4, "run_record": 4,
     "finetune": 5, "peft_format": 5, "pretrain": 5,
     "cli": 6,
     "__main__": 7, "__init__": 7,
@@ -60,7 +61,7 @@ def test_imports_run_one_way(path: Path):
 
 
 def test_the_training_loop_knows_nothing_of_what_it_trains():
-    assert package_imports(PACKAGE / "training.py") <= {"config", "model", "precision"}
+    assert package_imports(PACKAGE / "training.py") <= {"config", "files", "model", "precision"}
 
 
 def test_modules_stay_small():
@@ -81,3 +82,76 @@ def test_notebooks_never_import_the_cli():
         code = "\n".join("".join(cell["source"]) for cell in json.loads(path.read_text())["cells"]
                          if cell["cell_type"] == "code")
         assert "llm_scratch.cli" not in code and "os.environ" not in code, path.name
+
+
+def test_no_function_is_longer_than_60_lines():
+    """A function a student reads in one screen; a longer one is split where a name explains the piece."""
+    long = {}
+    for path in MODULES:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                start = min([node.lineno, *(d.lineno for d in node.decorator_list)])
+                if node.end_lineno - start + 1 > 60:
+                    long[f"{path.relative_to(PACKAGE)}:{node.name}"] = node.end_lineno - start + 1
+    assert not long, f"split these functions (lines): {long}"
+
+
+def mentions_in_code(path: Path, text: str) -> bool:
+    """Does the module's code (its docstrings aside) hold a string containing `text`, or a name `text`?"""
+    tree = ast.parse(path.read_text())
+    docstrings = {id(node.body[0].value) for node in ast.walk(tree)
+                  if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+                  and node.body and isinstance(node.body[0], ast.Expr)
+                  and isinstance(node.body[0].value, ast.Constant)}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings:
+            if text in node.value:
+                return True
+        if isinstance(node, ast.Name) and node.id == text:
+            return True
+        if isinstance(node, ast.alias) and node.name == text:
+            return True
+    return False
+
+
+def test_only_the_run_layer_reads_or_writes_run_json():
+    """run.json is the RunRecord's file: one module writes it, reads it and names it."""
+    naming = [str(path.relative_to(PACKAGE)) for path in MODULES
+              if mentions_in_code(path, "run.json") or mentions_in_code(path, "RUN_FILE")]
+    assert naming == ["run_record.py"], naming
+
+
+FILE_NAME = re.compile(r"[\w.-]+\.(json|safetensors|png|txt|md|tsv|lock|zip|csv|bin|pt)")
+
+
+def file_name_constants(path: Path) -> list[tuple[str, str]]:
+    """(constant, file name) of each module-level string constant that names a file: X = "a.json", or
+    X, Y = "a.png", "b.png"."""
+    found = []
+    for node in ast.parse(path.read_text()).body:
+        if not isinstance(node, ast.Assign):
+            continue
+        target = node.targets[0]
+        names = target.elts if isinstance(target, ast.Tuple) else [target]
+        values = node.value.elts if isinstance(node.value, ast.Tuple) else [node.value]
+        for name, value in zip(names, values, strict=False):
+            if isinstance(name, ast.Name) and isinstance(value, ast.Constant) and \
+                    isinstance(value.value, str) and FILE_NAME.fullmatch(value.value):
+                found.append((name.id, value.value))
+    return found
+
+
+def test_each_file_name_is_defined_once():
+    """A file name ("metrics.json") lives in one module, under one constant; one constant name never names
+    two different files in two modules."""
+    places: dict[str, list[str]] = {}
+    files_of_name: dict[str, set[str]] = {}
+    for path in MODULES:
+        for name, file_name in file_name_constants(path):
+            places.setdefault(file_name, []).append(f"{path.relative_to(PACKAGE)}:{name}")
+            files_of_name.setdefault(name, set()).add(file_name)
+    assert "metrics.json" in places, "the test no longer finds the file-name constants"
+    twice = {file_name: where for file_name, where in places.items() if len(where) > 1}
+    assert not twice, f"file names defined in more than one place: {twice}"
+    ambiguous = {name: files for name, files in files_of_name.items() if len(files) > 1}
+    assert not ambiguous, f"one constant name for several files: {ambiguous}"

@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, TensorDataset
 
 from llm_scratch import finetune as finetune_module
-from llm_scratch import run_folder
+from llm_scratch import run_record
 from llm_scratch.adapters import load_lora
 from llm_scratch.classifier import add_classification_head, train_classifier
 from llm_scratch.cli import build_parser, main
@@ -29,7 +29,8 @@ from llm_scratch.data import load_spam_splits, spam_dataloaders
 from llm_scratch.finetune import classify_with_run, load_run, write_quick_base_model
 from llm_scratch.model import GPTModel
 from llm_scratch.pretrained import load_gpt2
-from llm_scratch.run_folder import RUN_FILE, fingerprint
+from llm_scratch.run_folder import fingerprint
+from llm_scratch.run_record import record_path
 from llm_scratch.training import train
 
 
@@ -40,12 +41,12 @@ def cli(capsys, *args: str) -> tuple[int, str, str]:
     return code, captured.out, captured.err
 
 
-def record_checksum(run_dir: Path, key: str, path: Path) -> None:
-    """Write the fingerprint of `path` into run.json's `key` ("base" or "trained"), as if it were genuine:
-    so that the check under test is the one after the checksums."""
-    run = json.loads((run_dir / RUN_FILE).read_text())
-    run[key].update(fingerprint(path))
-    (run_dir / RUN_FILE).write_text(json.dumps(run))
+def record_checksum(run_dir: Path, path: Path) -> None:
+    """Write the fingerprint of the run's file `path` (its base or its trained tensors) into run.json, as if
+    it were genuine: so that the check under test is the one after the checksums."""
+    run = json.loads(record_path(run_dir).read_text())
+    (run["base"] if path.name == run["base"]["path"] else run["files"][path.name]).update(fingerprint(path))
+    record_path(run_dir).write_text(json.dumps(run))
 
 
 @pytest.fixture
@@ -93,10 +94,15 @@ def test_a_bad_argument_is_refused_in_one_line_and_the_existing_run_is_untouched
     assert snapshot(good_run.parent) == before  # the same files, byte for byte, and no temporary ones
 
 
-def test_options_that_contradict_each_other_are_refused(tmp_path, capsys):
-    code, _, err = cli(capsys, "finetune", "--random-init", "--weights-path", tmp_path / "w.safetensors",
-                       "--out", tmp_path / "run")
-    assert code == 2 and "--weights-path and --random-init contradict each other" in err
+@pytest.mark.parametrize("arguments, message", [
+    (["--random-init", "--weights-path", "w.safetensors"], "--weights-path and --random-init contradict"),
+    (["--method", "full", "--rank", "4"], "--rank and --alpha .* which method 'full' has none of"),
+    (["--method", "last-block", "--alpha", "32"], "which method 'last-block' has none of"),
+    (["--method", "full", "--loraplus-lr-ratio", "16"], "use it with method lora or dora, not 'full'"),
+])
+def test_options_that_contradict_each_other_are_refused(tmp_path, capsys, arguments, message):
+    code, _, err = cli(capsys, "finetune", *arguments, "--out", tmp_path / "run")
+    assert code == 2 and re.search(message, err) and err.count("\n") == 1, err
     assert list(tmp_path.iterdir()) == []
 
 
@@ -122,7 +128,8 @@ def test_given_arguments_are_honoured(tmp_path):
                                                 eval_every=1, batch_size=4, seed=5, progress=False)
     metrics = finetune_module.finetune(settings)
     history = metrics["history"]
-    assert (metrics["epochs"], metrics["lr"], metrics["batch_size"], metrics["seed"]) == (1, 1e-3, 4, 5)
+    run = metrics["settings"]
+    assert (run["epochs"], run["lr"], run["batch_size"], run["seed"]) == (1, 1e-3, 4, 5)
     assert len(history["epoch_metrics"]["validation_loss"]) == 1  # one epoch, not the default 8
     assert len(history["eval_seen"]) == len(history["step_loss"])  # an evaluation after every step
     assert max(b - a for a, b in zip([0, *history["step_seen"]], history["step_seen"], strict=False)) == 4
@@ -152,9 +159,9 @@ def test_a_local_weights_file_replaced_after_training_is_refused(good_run, tmp_p
     weights = tmp_path / "gpt2" / "model.safetensors"
     weights.parent.mkdir()
     shutil.move(good_run / "base_tiny.safetensors", weights)
-    run = json.loads((good_run / RUN_FILE).read_text())
+    run = json.loads(record_path(good_run).read_text())
     run["base"]["path"] = str(weights)
-    (good_run / RUN_FILE).write_text(json.dumps(run))
+    record_path(good_run).write_text(json.dumps(run))
     assert classify_with_run(good_run, messages) == expected
     write_quick_base_model(weights, seed=99)  # another model in the same file
     code, _, err = cli(capsys, "classify", "--run", good_run, "hello")
@@ -165,11 +172,11 @@ def test_hub_weights_that_changed_in_the_cache_are_refused(good_run, tmp_path, m
     cached = tmp_path / "hub" / "model.safetensors"
     cached.parent.mkdir()
     shutil.copy(good_run / "base_tiny.safetensors", cached)
-    monkeypatch.setattr(run_folder, "download_gpt2", lambda model_name: cached)  # the cache, offline
-    run = json.loads((good_run / RUN_FILE).read_text())
+    monkeypatch.setattr(run_record, "download_gpt2", lambda model_name: cached)  # the cache, offline
+    run = json.loads(record_path(good_run).read_text())
     expected = classify_with_run(good_run, messages)
-    run["base"] = {k: v for k, v in run["base"].items() if k != "path"} | {"kind": "hub"}
-    (good_run / RUN_FILE).write_text(json.dumps(run))
+    run["base"] |= {"kind": "hub", "path": None}
+    record_path(good_run).write_text(json.dumps(run))
     assert classify_with_run(good_run, messages) == expected
     write_quick_base_model(cached, seed=99)
     with pytest.raises(ValueError, match="the base model's weights.* is not the file this run was saved"):
@@ -189,7 +196,7 @@ def test_trained_weights_load_strictly(quick_runs, tmp_path, damage):
     else:
         tensors["final_norm.shift"] = torch.zeros(32)
     save_file(tensors, path)
-    record_checksum(run_dir, "trained", path)  # so that the strict load is what refuses
+    record_checksum(run_dir, path)  # so that the strict load is what refuses
     with pytest.raises(ValueError, match=f"does not hold exactly the tensors the run trained: .*{damage}"):
         load_run(run_dir)
 
@@ -198,7 +205,7 @@ def test_a_complete_last_block_run_loads_its_trained_tensors(quick_runs, message
     model, run = load_run(quick_runs["last-block"])
     saved = load_file(quick_runs["last-block"] / "weights.safetensors")
     state = model.state_dict()
-    assert run["method"] == "last-block" and all(torch.equal(state[k], v) for k, v in saved.items())
+    assert run.method == "last-block" and all(torch.equal(state[k], v) for k, v in saved.items())
 
 
 # ---- (2) NaN and infinity: training stops, loading refuses ----
@@ -231,14 +238,14 @@ def test_nan_left_in_the_trained_tensors_is_never_saved(snapshot, good_run, monk
     def diverge_at_the_end(model, *args, **kwargs):
         history = train_classifier(model, *args, **kwargs)
         with torch.no_grad():
-            model.out_head.bias.fill_(float("nan"))  # as a last optimizer step gone wrong would
+            model.out_head.weight[0, :2] = float("nan")  # as a last optimizer step gone wrong would
         return history
 
     monkeypatch.setattr(finetune_module, "train_classifier", diverge_at_the_end)
     before = snapshot(good_run.parent)
     settings = finetune_module.FinetuneSettings(quick=True, out=good_run, overwrite=True, progress=False)
-    with pytest.raises(ValueError, match=r"the trained model: tensor 'out_head.bias' holds 2 NaN .* nothing "
-                                         r"was saved. Likely causes"):
+    with pytest.raises(ValueError, match=r"the trained model: tensor 'out_head.weight' holds 2 NaN .* "
+                                         r"nothing was saved. Likely causes"):
         finetune_module.finetune(settings)
     assert snapshot(good_run.parent) == before
 
@@ -284,7 +291,7 @@ def test_base_weights_with_nan_are_refused_by_name(tmp_path, poison):
 
 def test_a_run_whose_base_holds_nan_is_refused(good_run):
     tiny_gpt2_file(good_run / "base_tiny.safetensors", poison="h.0.mlp.c_fc.weight")
-    record_checksum(good_run, "base", good_run / "base_tiny.safetensors")
+    record_checksum(good_run, good_run / "base_tiny.safetensors")
     with pytest.raises(ValueError, match="tensor 'h.0.mlp.c_fc.weight' holds 1 NaN"):
         load_run(good_run)
 
@@ -298,7 +305,7 @@ def test_an_adapter_holding_nan_is_refused(good_run, capsys):
     save_file(tensors, path, metadata=metadata)
     with pytest.raises(ValueError, match=r"tensor 'blocks.0.att.W_key.lora.B' holds 1 NaN"):
         load_lora(GPTModel(GPTConfig.from_preset("tiny")), path)
-    record_checksum(good_run, "trained", path)
+    record_checksum(good_run, path)
     code, out, err = cli(capsys, "classify", "--run", good_run, "WIN a prize")
     assert code == 2 and out == "" and "tensor 'blocks.0.att.W_key.lora.B' holds 1 NaN" in err
 
@@ -317,16 +324,16 @@ def test_texts_that_start_with_a_dash_are_classified_after_double_dash(good_run,
 
 
 def test_a_bad_run_json_is_one_line_naming_the_file_and_the_key(good_run, capsys):
-    run = json.loads((good_run / RUN_FILE).read_text())
+    run = json.loads(record_path(good_run).read_text())
     del run["labels"]
-    (good_run / RUN_FILE).write_text(json.dumps(run))
+    record_path(good_run).write_text(json.dumps(run))
     code, _, err = cli(capsys, "classify", "--run", good_run, "hello")
-    assert code == 2 and err == (f"error: {good_run / RUN_FILE}: the key 'labels' is missing; the file is "
+    assert code == 2 and err == (f"error: {record_path(good_run)}: the key 'labels' is missing; the file is "
                                  "damaged or was written by another version of llm-scratch: run finetune "
                                  "again\n")
-    (good_run / RUN_FILE).write_text("")  # what a full disk used to leave
+    record_path(good_run).write_text("")  # what a full disk used to leave
     code, _, err = cli(capsys, "classify", "--run", good_run, "hello")
-    assert code == 2 and f"{good_run / RUN_FILE} is not valid JSON" in err and err.count("\n") == 1
+    assert code == 2 and f"{record_path(good_run)} is not valid JSON" in err and err.count("\n") == 1
 
 
 def test_an_empty_text_is_refused(good_run, capsys):

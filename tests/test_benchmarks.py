@@ -74,7 +74,7 @@ def test_bench_finetune_smoke(capsys, monkeypatch):
     for name, seconds in epoch.items():
         assert rows[name] == [f"{seconds:.1f} s", f"{tokens[name]:,}", f"{epoch[fixed] / seconds:.2f}x"], name
 
-    expected = expected_trainable("tiny", rank)  # Hugging Face's model is ours but for the head's bias
+    expected = expected_trainable("tiny", rank)
     assert results["trainable"] == {name: expected[name] for name in bench.MODELS}
 
 
@@ -87,9 +87,9 @@ def expected_trainable(preset: str, rank: int, n_classes: int = 2) -> dict[str, 
     hf_linears = [(d, 3 * d), (d, d), (d, 4 * d), (4 * d, d)]  # c_attn (q, k, v fused), c_proj, c_fc, c_proj
     block = sum(n_in * n_out + n_out for n_in, n_out in ours_linears) + 2 * 2 * d  # + two LayerNorms
     body = (cfg.vocab_size + cfg.context_length) * d + n_layers * block + 2 * d  # embeddings, blocks, norm
-    ours_head, hf_head = d * n_classes + n_classes, d * n_classes  # Hugging Face's score has no bias
-    counts = {"ours full": body + ours_head, "hf full": body + hf_head}  # the same model but the head's bias
-    for name, linears, head in (("ours", ours_linears, ours_head), ("hf+peft", hf_linears, hf_head)):
+    head = d * n_classes  # no bias, ours as Hugging Face's `score`
+    counts = {"ours full": body + head, "hf full": body + head}  # the same model
+    for name, linears in (("ours", ours_linears), ("hf+peft", hf_linears)):
         lora = n_layers * sum(rank * (n_in + n_out) for n_in, n_out in linears)
         magnitudes = n_layers * sum(n_out for _, n_out in linears)
         counts[f"{name} lora"], counts[f"{name} dora"] = lora + head, lora + magnitudes + head

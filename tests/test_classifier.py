@@ -8,7 +8,7 @@ from llm_scratch.classifier import (
     accuracy,
     add_classification_head,
     classify,
-    evaluate,
+    evaluate_classifier,
     format_accuracy,
     last_token_logits,
     train_classifier,
@@ -28,7 +28,7 @@ def tiny_classifier(seed: int = 123) -> GPTModel:
 
 def test_head_swap_shape_and_seed():
     a, b = tiny_classifier(), tiny_classifier()
-    assert a.out_head.weight.shape == (2, 64) and a.out_head.bias.shape == (2,)
+    assert a.out_head.weight.shape == (2, 64) and a.out_head.bias is None  # as Hugging Face's `score`
     assert torch.equal(a.out_head.weight, b.out_head.weight)
     assert a.out_head.weight is not a.tok_emb.weight  # the tie with the embedding is gone
     assert a(torch.tensor([[1, 2, 3]])).shape == (1, 3, 2)
@@ -80,11 +80,11 @@ def test_loss_goes_down_and_training_accuracy_reaches_90_percent():
     model = tiny_classifier()
     prepare_for_method(model, "full")
     loaders = _quick_loaders()
-    accuracy_before = evaluate(model, loaders.train)["accuracy"]
+    accuracy_before = evaluate_classifier(model, loaders.train)["accuracy"]
     history = train_classifier(model, loaders.train, loaders.validation, epochs=6, lr=2e-3, eval_every=10,
                                progress=False)
     loss_before, loss_after = history.step_loss[0], sum(history.step_loss[-5:]) / 5
-    accuracy_after = evaluate(model, loaders.train)["accuracy"]
+    accuracy_after = evaluate_classifier(model, loaders.train)["accuracy"]
     print(f"loss {loss_before:.3f} -> {loss_after:.3f}, training accuracy {accuracy_before:.1%} -> "
           f"{accuracy_after:.1%}")
     assert loss_after < 0.5 * loss_before
@@ -119,10 +119,10 @@ def test_methods_train_what_they_say():
             assert all(n.startswith(("blocks.1.", "final_norm.", "out_head.")) for n in trained)
     d = 64
     block = 12 * d**2 + 13 * d
-    assert counts["full"] == 50257 * d + 256 * d + 2 * block + 2 * d + (2 * d + 2)
-    assert counts["last-block"] == block + 2 * d + (2 * d + 2)
+    assert counts["full"] == 50257 * d + 256 * d + 2 * block + 2 * d + 2 * d
+    assert counts["last-block"] == block + 2 * d + 2 * d
     # rank 4 beside q, k, v, out_proj (64 -> 64) and fc1, fc2 (64 <-> 256) in both blocks, plus the head
-    assert counts["lora"] == 2 * (4 * 4 * (d + d) + 2 * 4 * (d + 4 * d)) + (2 * d + 2)
+    assert counts["lora"] == 2 * (4 * 4 * (d + d) + 2 * 4 * (d + 4 * d)) + 2 * d
     with pytest.raises(ValueError, match="unknown method 'adapter'"):
         prepare_for_method(tiny_classifier(), "adapter")
 

@@ -38,7 +38,7 @@ def test_quick_lora_finetune_then_classify(tmp_path):
         low, high = metrics[f"{split}_accuracy_interval"]
         assert metrics[f"{split}_examples"] == size and low <= metrics[f"{split}_accuracy"] <= high
         assert f"{split} {format_accuracy(metrics[f'{split}_accuracy'], size)}" in result.stdout
-    assert metrics["trainable_parameters"] < 0.05 * metrics["total_parameters"]
+    assert metrics["trainable_parameters"] < 0.05 * metrics["base_parameters"]
     assert metrics["saved_file_mb"] < 1.0 and metrics["train_time_s"] > 0
     losses = metrics["history"]["step_loss"]
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5
@@ -84,7 +84,7 @@ def test_options_left_out_keep_the_library_defaults_and_given_ones_are_honoured(
     options = {k: v for k, v in vars(parse(["finetune"])).items() if k != "command"}
     assert FinetuneSettings.from_options(**options) == FinetuneSettings()  # defaults live in the dataclass
 
-    given = ["finetune", "--method", "full", "--model-name", "gpt2-medium", "--epochs", "1", "--lr", "1e-3",
+    given = ["finetune", "--method", "dora", "--model-name", "gpt2-medium", "--epochs", "1", "--lr", "1e-3",
              "--rank", "4", "--alpha", "8", "--batch-size", "2", "--seed", "7", "--eval-every", "3",
              "--data-path", str(tmp_path / "sms"), "--weights-path", str(tmp_path / "w.safetensors"),
              "--out", str(tmp_path / "run"), "--overwrite", "--bucket", "--quick", "--no-progress",
@@ -92,7 +92,7 @@ def test_options_left_out_keep_the_library_defaults_and_given_ones_are_honoured(
     options = {k: v for k, v in vars(parse(given)).items() if k not in ("command", "compare")}
     settings = FinetuneSettings.from_options(**options)
     assert settings == FinetuneSettings(
-        method="full", model_name="gpt2-medium", epochs=1, lr=1e-3, batch_size=2, seed=7, eval_every=3,
+        method="dora", model_name="gpt2-medium", epochs=1, lr=1e-3, batch_size=2, seed=7, eval_every=3,
         lora_config=LoRAConfig(rank=4, alpha=8.0, modules_to_save=("out_head",)),
         data_path=tmp_path / "sms", weights_path=tmp_path / "w.safetensors", out=tmp_path / "run",
         overwrite=True, bucket=True, quick=True, progress=False, device="cpu", precision="bf16")
@@ -107,12 +107,13 @@ def test_pretrain_options_left_out_keep_the_library_defaults_and_given_ones_are_
 
     given = ["pretrain", "--data-path", str(tmp_path / "story.txt"), "--model-name", "gpt2-small", "--epochs",
              "3", "--context-length", "128", "--stride", "64", "--batch-size", "4", "--lr", "1e-4", "--seed",
-             "7", "--device", "cpu", "--out", str(tmp_path / "run"), "--quick", "--eval-every", "2",
-             "--sample-prompt", "Once upon a time", "--no-progress", "--precision", "fp16"]
+             "7", "--device", "cpu", "--out", str(tmp_path / "run"), "--overwrite", "--quick", "--eval-every",
+             "2", "--sample-prompt", "Once upon a time", "--no-progress", "--precision", "fp16"]
     options = {k: v for k, v in vars(parse(given)).items() if k != "command"}
     assert PretrainSettings(**options) == PretrainSettings(
         data_path=tmp_path / "story.txt", model_name="gpt2-small", epochs=3, context_length=128, stride=64,
-        batch_size=4, lr=1e-4, seed=7, device="cpu", out=tmp_path / "run", quick=True, eval_every=2,
+        batch_size=4, lr=1e-4, seed=7, device="cpu", out=tmp_path / "run", overwrite=True, quick=True,
+        eval_every=2,
         sample_prompt="Once upon a time", progress=False, precision="fp16")
     fields = {field.name for field in dataclasses.fields(PretrainSettings)}
     assert set(options) == fields  # one option per field

@@ -191,11 +191,11 @@ def test_dora_from_the_command_line(tmp_path: Path, monkeypatch, capsys):
     metrics = json.loads((run / "metrics.json").read_text())
     saved = json.loads((run / "run.json").read_text())
     assert metrics["method"] == saved["method"] == "dora" and saved["lora_config"]["use_dora"] is True
-    assert metrics["loraplus_lr_ratio"] is None
-    assert metrics["lr"] == 5e-3  # quick mode's rate, as for lora
+    assert metrics["settings"]["loraplus_lr_ratio"] is None
+    assert metrics["settings"]["lr"] == 5e-3  # quick mode's rate, as for lora
     # The tiny preset: 2 blocks x (4 x 64 + 256 + 64) = 1,152 magnitudes more than LoRA's count.
     lora = 2 * 16 * (4 * (64 + 64) + (64 + 256) + (256 + 64))
-    assert metrics["trainable_parameters"] == lora + 1_152 + 64 * 2 + 2
+    assert metrics["trainable_parameters"] == lora + 1_152 + 64 * 2  # + the head (2 x 64, no bias)
     losses = metrics["history"]["step_loss"]
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5
     assert read_lora_metadata(run / "adapter.safetensors")["lora_config"].use_dora

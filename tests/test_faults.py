@@ -26,7 +26,7 @@ import pytest
 from llm_scratch import files
 from llm_scratch.cli import main
 from llm_scratch.finetune import classify_with_run
-from llm_scratch.run_folder import RUN_FILE
+from llm_scratch.run_record import record_path
 
 
 def environment(tmp_path: Path) -> dict[str, str]:
@@ -92,7 +92,7 @@ def test_sigkill_at_random_moments_leaves_the_old_run_or_the_new_one(old_run, tm
     rng = random.Random(20240607)
     outcomes: collections.Counter = collections.Counter()
     for kill in range(24):
-        if json.loads((old_run / RUN_FILE).read_text())["seed"] != 1:  # the last re-run completed
+        if json.loads(record_path(old_run).read_text())["settings"]["seed"] != 1:  # the last re-run completed
             shutil.rmtree(old_run)
             shutil.copytree(pristine, old_run)
         stale = staging_folders(old_run)  # left by the last kill; the run removes them once it holds the lock
@@ -112,7 +112,7 @@ def test_sigkill_at_random_moments_leaves_the_old_run_or_the_new_one(old_run, tm
             assert str(old_run) in str(error)  # a clear refusal that names the folder or its file
             outcomes[(moment(staged, running, False), f"refused: {str(error)[:60]}")] += 1
             continue
-        seed = json.loads((old_run / RUN_FILE).read_text())["seed"]
+        seed = json.loads(record_path(old_run).read_text())["settings"]["seed"]
         assert predictions == expected[seed], f"kill {kill}: the folder claims seed {seed}, answers otherwise"
         outcome = "old run, whole" if seed == 1 else "new run, whole"
         outcomes[(moment(staged, running, seed == 2), outcome)] += 1
@@ -232,9 +232,9 @@ def test_two_runs_into_one_folder_at_once_the_second_is_refused(old_run, tmp_pat
                    "(--out)\n")
     first.communicate(timeout=300)
     assert first.returncode == 0
-    run = json.loads((old_run / RUN_FILE).read_text())
+    run = json.loads(record_path(old_run).read_text())
     metrics = json.loads((old_run / "metrics.json").read_text())
-    assert (run["seed"], metrics["epochs"]) == (2, 30)  # the first run's, whole
+    assert (run["settings"]["seed"], metrics["settings"]["epochs"]) == (2, 30)  # the first run's, whole
     assert len(classify_with_run(old_run, messages)) == len(messages)
 
 

@@ -125,8 +125,8 @@ def test_loraplus_from_the_command_line(tmp_path: Path, monkeypatch, capsys):
     run = tmp_path / "loraplus"
     assert main(["finetune", "--loraplus-lr-ratio", "16", "--quick", "--out", str(run), "--no-progress"]) == 0
     metrics = json.loads((run / "metrics.json").read_text())
-    assert metrics["method"] == "lora" and metrics["loraplus_lr_ratio"] == 16.0
-    assert json.loads((run / "run.json").read_text())["loraplus_lr_ratio"] == 16.0
+    assert metrics["method"] == "lora" and metrics["settings"]["loraplus_lr_ratio"] == 16.0
+    assert json.loads((run / "run.json").read_text())["settings"]["loraplus_lr_ratio"] == 16.0
     losses = metrics["history"]["step_loss"]
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5
     capsys.readouterr()
@@ -141,7 +141,7 @@ def test_compare_with_dora_and_loraplus(tmp_path: Path, monkeypatch):
     settings = FinetuneSettings(quick=True, epochs=1, out=tmp_path / "compare", loraplus_lr_ratio=RATIO,
                                 progress=False)
     results = compare(settings, methods=("last-block", "lora", "dora"))
-    assert {m: r["loraplus_lr_ratio"] for m, r in results.items()} == {
+    assert {m: r["settings"]["loraplus_lr_ratio"] for m, r in results.items()} == {
         "last-block": None, "lora": RATIO, "dora": RATIO}  # LoRA+ applies to the LoRA methods only
     assert results["dora"]["trainable_parameters"] - results["lora"]["trainable_parameters"] == 1_152
     table = (tmp_path / "compare" / "comparison.md").read_text()

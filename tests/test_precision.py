@@ -112,7 +112,7 @@ def test_fp16_loss_scaling_skips_a_step_whose_gradients_overflow(splits, monkeyp
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
 
     # Every step, one gradient is infinite (as when float16 overflows); the scaler must skip the step.
-    model.out_head.bias.register_hook(lambda grad: torch.full_like(grad, float("inf")))
+    model.out_head.weight.register_hook(lambda grad: torch.full_like(grad, float("inf")))
     train(model, loaders.train, loaders.validation, classification_loss, epochs=1, lr=1e-3, eval_every=1000,
           seed=1, device="cpu", progress=False, precision="fp16")
     for name, p in model.named_parameters():
@@ -126,7 +126,7 @@ def test_a_bf16_finetune_run_records_its_precision_and_saves_float32(tmp_path):
         pytest.skip("this CPU has no bfloat16 arithmetic")
     metrics = finetune(FinetuneSettings(quick=True, epochs=2, precision="bf16", device="cpu",
                                         out=tmp_path / "run", progress=False))
-    assert metrics["precision"] == "bf16"
+    assert metrics["settings"]["precision"] == "bf16"
     adapter = load_file(tmp_path / "run" / metrics["saved_file"])
     assert {t.dtype for t in adapter.values()} == {torch.float32}
     assert 0.0 <= metrics["test_accuracy"] <= 1.0 and metrics["test_examples"] == 100

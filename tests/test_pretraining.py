@@ -20,7 +20,7 @@ from transformers import GPT2LMHeadModel
 from llm_scratch import GPTConfig, GPTModel, generate, get_tokenizer
 from llm_scratch.data import NextTokenDataset, load_text, split_tokens, text_dataloaders
 from llm_scratch.generate import next_token
-from llm_scratch.language_model import evaluate, next_token_loss, train_language_model
+from llm_scratch.language_model import evaluate_language_model, next_token_loss, train_language_model
 from llm_scratch.pretrain import QUICK_CONTEXT_LENGTH, PretrainSettings, build_model, pretrain
 from llm_scratch.pretrained import load_gpt2
 
@@ -114,7 +114,7 @@ def test_loss_by_hand_equals_cross_entropy_and_perplexity_is_its_exp():
     assert abs(package.item() - reference.item()) < 1e-6
     assert abs(by_hand.item() - reference.item()) < 1e-5  # float32 against float64
 
-    measured = evaluate(model, loader)  # every validation token: 8 windows of 64
+    measured = evaluate_language_model(model, loader)  # every validation token: 8 windows of 64
     everything = torch.cat([model(x).flatten(0, 1) for x, _ in loader]).detach()
     all_targets = torch.cat([y.flatten() for _, y in loader])
     expected = F.cross_entropy(everything, all_targets).item()
@@ -125,7 +125,7 @@ def test_loss_by_hand_equals_cross_entropy_and_perplexity_is_its_exp():
 def test_untrained_loss_is_near_ln_of_the_vocabulary():
     """Random logits near 0 spread the probability almost evenly: loss about ln(50,257) = 10.82."""
     model = build_model("tiny", QUICK_CONTEXT_LENGTH, seed=123).eval()
-    measured = evaluate(model, text_dataloaders(load_text(), QUICK_CONTEXT_LENGTH).validation)
+    measured = evaluate_language_model(model, text_dataloaders(load_text(), QUICK_CONTEXT_LENGTH).validation)
     assert abs(measured["loss"] - math.log(50_257)) < 0.5
     assert abs(math.log(measured["perplexity"]) - measured["loss"]) < 1e-9
 
@@ -144,7 +144,11 @@ def test_the_package_loop_gives_the_losses_of_a_plain_loop(progress):
     model, loaders = fresh()
     torch.manual_seed(5)
     model.train()  # dropout on: its random masks must come in the same order too
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.1, fused=True)  # as train()
+    named = dict(model.named_parameters())  # as train(): no weight decay on biases and norms
+    exempt = [p for name, p in named.items() if name.endswith(("bias", "scale", "shift"))]
+    decayed = [p for name, p in named.items() if not name.endswith(("bias", "scale", "shift"))]
+    optimizer = torch.optim.AdamW([{"params": decayed, "weight_decay": 0.1},
+                                   {"params": exempt, "weight_decay": 0.0}], lr=3e-3, fused=True)
     by_hand = []
     for batch in loaders.train:
         optimizer.zero_grad(set_to_none=True)
@@ -239,7 +243,7 @@ def test_the_pretrain_command_runs_offline_and_writes_its_files(quick_run):
     assert metrics["quick"] and metrics["model_name"] == "tiny" and metrics["data"] == "the-verdict.txt"
     assert history["unit"] == "tokens"
     # 10 epochs of 36 steps, each 2 windows of 64 target tokens.
-    assert metrics["epochs"] == 10 and len(history["step_loss"]) == 360
+    assert metrics["settings"]["epochs"] == 10 and len(history["step_loss"]) == 360
     assert history["step_seen"][-1] == metrics["tokens_seen"] == 360 * 2 * 64
     assert len(metrics["samples"]) == 10
     assert all(sample.startswith("I had always thought") for sample in metrics["samples"])
@@ -264,7 +268,7 @@ def test_the_saved_model_loads_with_our_loader_and_with_hugging_face(quick_run):
     assert difference < 1e-5, difference
     # The saved weights are the trained ones: the loss recorded at the end of training, measured again.
     metrics = json.loads((quick_run / "metrics.json").read_text())
-    measured = evaluate(ours, text_dataloaders(load_text(), 64).validation)["loss"]
+    measured = evaluate_language_model(ours, text_dataloaders(load_text(), 64).validation)["loss"]
     assert abs(measured - metrics["validation_loss"]) < 1e-5
 
 
@@ -273,7 +277,7 @@ def test_a_given_text_is_honoured_and_wrong_settings_are_refused(tmp_path):
     text_file.write_text("The cat sat on the mat. " * 60, encoding="utf-8")  # 421 tokens
     metrics = pretrain(PretrainSettings(data_path=text_file, context_length=16, epochs=1, batch_size=4,
                                         out=tmp_path / "run", progress=False, device="cpu"))
-    assert metrics["data"] == str(text_file) and metrics["context_length"] == 16
+    assert metrics["data"] == str(text_file) and metrics["settings"]["context_length"] == 16
     assert metrics["tokens_seen"] == 23 * 16  # int(0.9 * 421) = 378 tokens: windows at 0, 16, ..., 352
 
     with pytest.raises(ValueError, match="quick mode trains the 'tiny' preset"):

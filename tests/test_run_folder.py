@@ -14,19 +14,17 @@ import torch
 from safetensors.torch import save_file
 
 from llm_scratch.classifier import classify
-from llm_scratch.files import read_safetensors, require_finite, save_safetensors
+from llm_scratch.files import explain_error, read_safetensors, require_finite, save_safetensors
 from llm_scratch.finetune import classify_with_run, load_run
-from llm_scratch.run_folder import (
-    RUN_FILE,
-    check_fingerprint,
-    check_out,
-    explain_error,
-    fingerprint,
-    read_run,
-    writing_run,
-)
+from llm_scratch.run_folder import check_fingerprint, fingerprint
+from llm_scratch.run_record import check_out, read_record, record_path, writing_run_folder
 
-METHODS = ("full", "last-block", "lora")
+RUN_FILE = "run.json"  # what the staging tests write; the record itself is the run layer's
+
+
+def writing_run(out: Path, overwrite: bool = False):
+    """The staged folder of a fine-tuning run into `out`."""
+    return writing_run_folder(out, "finetune", overwrite)
 
 
 def hidden_leftovers(parent: Path) -> list[str]:
@@ -74,7 +72,7 @@ def test_a_failed_or_interrupted_run_leaves_the_old_folder_and_no_temporary_one(
 @pytest.mark.parametrize("out, message", [
     ("", "the current folder or one above it"), (".", "the current folder or one above it"),
     ("..", "the current folder or one above it"), ("a_file", "is a file, not a folder"),
-    ("mixed", r"holds files a run does not write \(notes.txt\)"),
+    ("mixed", r"holds files a finetune run does not write \(notes.txt\)"),
 ])
 def test_folders_that_cannot_take_a_run_are_refused_even_with_overwrite(snapshot, tmp_path, monkeypatch, out,
                                                                        message):
@@ -85,9 +83,22 @@ def test_folders_that_cannot_take_a_run_are_refused_even_with_overwrite(snapshot
     (tmp_path / "mixed" / "notes.txt").write_text("keep me")
     before = snapshot(tmp_path)
     with pytest.raises(ValueError, match=message):
-        check_out(Path(out), overwrite=True)
+        check_out(Path(out), True, "finetune")
     with pytest.raises(ValueError, match=message):
         with writing_run(Path(out), overwrite=True):
+            pass
+    assert snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize("existing, command", [("finetune", "pretrain"), ("pretrain", "finetune")])
+def test_a_folder_holding_another_commands_run_is_refused_even_with_overwrite(snapshot, tmp_path, existing,
+                                                                              command):
+    out = tmp_path / "run"
+    out.mkdir()
+    record_path(out).write_text(json.dumps({"command": existing}))
+    before = snapshot(tmp_path)
+    with pytest.raises(ValueError, match=f"holds a {existing} run, and {command} writes runs of its own"):
+        with writing_run_folder(out, command, overwrite=True):
             pass
     assert snapshot(tmp_path) == before
 
@@ -161,13 +172,14 @@ def test_a_changed_or_missing_file_is_refused_by_its_fingerprint(tmp_path):
     path.write_bytes(b"x" * 1000)
     recorded = fingerprint(path)
     assert recorded["size"] == 1000 and len(recorded["sha256"]) == 64
-    check_fingerprint(path, recorded, "the base")  # unchanged: passes
+    check_fingerprint(path, recorded, "the base", "finetune")  # unchanged: passes
     path.write_bytes(b"x" * 999 + b"y")  # same size, one byte differs
     with pytest.raises(ValueError, match=r"base.safetensors \(the base\) is not the file this run was saved"):
-        check_fingerprint(path, recorded, "the base")
+        check_fingerprint(path, recorded, "the base", "finetune")
     path.unlink()
-    with pytest.raises(FileNotFoundError, match=r"base.safetensors \(the base\) is missing"):
-        check_fingerprint(path, recorded, "the base")
+    with pytest.raises(FileNotFoundError, match=r"base.safetensors \(the base\) is missing; restore it, or "
+                                                 "run finetune again"):
+        check_fingerprint(path, recorded, "the base", "finetune")
 
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
@@ -189,9 +201,9 @@ def test_a_truncated_safetensors_file_is_refused(tmp_path):
 # ---- run.json: every key checked, errors that name the file and the key ----
 
 def edited(run: dict, key: str, value) -> dict:
-    """A copy of `run` with `key` ("a" or "a.b") set to `value`, or removed if `value` is `...`."""
+    """A copy of `run` with `key` ("a" or "a/b") set to `value`, or removed if `value` is `...`."""
     run = json.loads(json.dumps(run))
-    *parents, last = key.split(".")
+    *parents, last = key.split("/")
     record = run
     for parent in parents:
         record = record[parent]
@@ -203,19 +215,25 @@ def edited(run: dict, key: str, value) -> dict:
 
 
 BAD_RUN_RECORDS = [  # (key, value or ... to delete it, what the error must say)
-    ("method", ..., "'method' is missing"), ("method", "adapter", "'method' must be one of"),
-    ("method", 3, "'method' must be a str"), ("model_name", ..., "'model_name' is missing"),
-    ("labels", ..., "'labels' is missing"), ("labels", ["ham"], "'labels' must list at least two"),
+    ("format", ..., "was written by another version of llm-scratch"),
+    ("version", 2, r"version 2; this one reads version 3\): run finetune again"),
+    ("command", "pretrain", "records a pretrain run, not a finetune run"),
+    ("method", ..., "'method' is missing"), ("method", 3, "'method' must be a str"),
+    ("model_name", ..., "'model_name' is missing"), ("quick", "yes", "'quick' must be a bool"),
+    ("labels", ["ham"], "'labels' must list at least two"),
     ("labels", "ham,spam", "'labels' must be a list"), ("max_length", 0, "'max_length' must be a positive"),
     ("max_length", True, "'max_length' must be a int"), ("max_length", "23", "'max_length' must be a int"),
     ("base", ..., "'base' is missing"), ("base", [], "'base' must be a dict"),
-    ("base.kind", "cloud", "'base.kind' must be one of hub, file, random"),
-    ("base.path", ..., "'base.path' is missing"), ("base.sha256", ..., "'base.sha256' is missing"),
-    ("base.sha256", "abc", "'base.sha256' is not a SHA-256"),
-    ("base.size", -1, "'base.size' must be a file size"),
-    ("base.size", 1.5, "'base.size' must be a int"), ("trained", ..., "'trained' is missing"),
-    ("trained.sha256", "A" * 64, "'trained.sha256' is not a SHA-256"),
-    ("trained.size", ..., "'trained.size' is missing"),
+    ("base/kind", "cloud", "'base.kind' must be one of hub, file, random"),
+    ("base/path", ..., "'base.path' is missing"), ("base/path", None, "'base.path' must be a str"),
+    ("base/sha256", ..., "'base.sha256' is missing"),
+    ("base/sha256", "abc", "'base.sha256' is not a SHA-256"),
+    ("base/size", -1, "'base.size' must be a file size"), ("base/size", 1.5, "'base.size' must be a int"),
+    ("files", ..., "'files' is missing"),
+    ("files/adapter.safetensors/sha256", "A" * 64, "'files.adapter.safetensors.sha256' is not a SHA-256"),
+    ("files/adapter.safetensors/size", ..., "'files.adapter.safetensors.size' is missing"),
+    ("lora_config/rank", 0, "'lora_config' is not a valid LoRA config"),
+    ("settings", [], "'settings' must be a dict"),
 ]
 
 
@@ -223,11 +241,11 @@ BAD_RUN_RECORDS = [  # (key, value or ... to delete it, what the error must say)
                          ids=[f"{k}={v!r:.12}" for k, v, _ in BAD_RUN_RECORDS])
 def test_a_bad_run_json_is_refused_naming_the_file_and_the_key(quick_runs, tmp_path, key, value, message):
     run_dir = shutil.copytree(quick_runs["lora"], tmp_path / "lora")
-    good = json.loads((run_dir / RUN_FILE).read_text())
-    (run_dir / RUN_FILE).write_text(json.dumps(edited(good, key, value)))
+    good = json.loads(record_path(run_dir).read_text())
+    record_path(run_dir).write_text(json.dumps(edited(good, key, value)))
     with pytest.raises(ValueError, match=message) as error:
-        read_run(run_dir, METHODS)
-    assert str(run_dir / RUN_FILE) in str(error.value)
+        read_record(run_dir, "finetune")
+    assert str(record_path(run_dir)) in str(error.value)
 
 
 @pytest.mark.parametrize("content, message", [
@@ -236,20 +254,25 @@ def test_a_bad_run_json_is_refused_naming_the_file_and_the_key(quick_runs, tmp_p
     ("[1, 2]", r"must hold a JSON object \(\{...\}\), not a list"), ("\udcff", "is not valid JSON"),
 ])
 def test_an_empty_or_malformed_run_json_is_refused_naming_the_file(tmp_path, content, message):
-    (tmp_path / RUN_FILE).write_bytes(content.encode("utf-8", "surrogateescape"))
+    record_path(tmp_path).write_bytes(content.encode("utf-8", "surrogateescape"))
     with pytest.raises(ValueError, match=message) as error:
-        read_run(tmp_path, METHODS)
-    assert str(tmp_path / RUN_FILE) in str(error.value)
+        read_record(tmp_path, "finetune")
+    assert str(record_path(tmp_path)) in str(error.value)
 
 
 def test_a_good_run_json_reads_back_and_its_run_classifies(quick_runs, messages):
-    run = read_run(quick_runs["lora"], METHODS)
-    assert run["trained"] == fingerprint(quick_runs["lora"] / "adapter.safetensors")
-    assert run["base"] | fingerprint(quick_runs["lora"] / "base_tiny.safetensors") == run["base"]
+    record = read_record(quick_runs["lora"], "finetune")
+    assert record.files == {"adapter.safetensors": fingerprint(quick_runs["lora"] / "adapter.safetensors")}
+    base = fingerprint(quick_runs["lora"] / "base_tiny.safetensors")
+    assert (record.base.kind, record.base.path, record.base.sha256, record.base.size) == (
+        "file", "base_tiny.safetensors", base["sha256"], base["size"])
+    assert (record.command, record.method, record.quick, record.labels) == ("finetune", "lora", True,
+                                                                            ("ham", "spam"))
+    assert record.lora_config.rank == 16 and record.settings["epochs"] == 8 and record.settings["seed"] == 1
     model, _ = load_run(quick_runs["lora"])
     assert not model.training
     predictions = [label for label, _ in classify_with_run(quick_runs["lora"], messages)]
-    assert predictions == [classify(text, model, max_length=run["max_length"])[0] for text in messages]
+    assert predictions == [classify(text, model, max_length=record.max_length)[0] for text in messages]
     assert set(predictions) <= {"ham", "spam"} and len(predictions) == len(messages)
 
 
@@ -265,4 +288,3 @@ def test_operating_system_errors_are_explained_with_their_path(code, advice):
     assert message.startswith(f"/runs/lora/adapter.safetensors: {os.strerror(code)}; ") and advice in message
     assert "\n" not in message
     assert explain_error(ValueError("our own message")) == "our own message"
-    assert "Ctrl-C" in explain_error(KeyboardInterrupt())
