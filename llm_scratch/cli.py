@@ -1,6 +1,7 @@
-"""`python -m llm_scratch finetune | classify | pretrain`: options -> `FinetuneSettings` / `PretrainSettings`.
+"""`python -m llm_scratch finetune | classify | pretrain | export`: options -> the settings dataclasses.
 
-The work is done in `llm_scratch.finetune` and `.pretrain`; an option left out keeps its dataclass default.
+The work is done in `llm_scratch.finetune`, `.pretrain` and `.export`; an option left out keeps its dataclass
+default.
 """
 
 from __future__ import annotations
@@ -10,8 +11,10 @@ import os
 import sys
 from pathlib import Path
 
+from llm_scratch.compare import compare
+from llm_scratch.export import export_run
 from llm_scratch.files import explain_error
-from llm_scratch.finetune import METHODS, FinetuneSettings, classify_with_run, compare, finetune
+from llm_scratch.finetune import METHODS, FinetuneSettings, classify_with_run, finetune
 from llm_scratch.precision import PRECISIONS
 from llm_scratch.pretrain import PretrainSettings, pretrain
 
@@ -69,6 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
     cls.add_argument("--run", type=Path, required=True, help="the folder a finetune run wrote")
     cls.add_argument("texts", nargs="+", help="one or more messages; put -- before them if one starts "
                                               "with '-': classify --run DIR -- '-50%% off today'")
+    export = commands.add_parser("export", help="write a run in Hugging Face's formats (transformers, PEFT)")
+    export.add_argument("--run", type=Path, required=True, help="the folder a finetune or pretrain run wrote")
+    export.add_argument("--out", type=Path, required=True, help="the folder to write, when complete")
+    export.add_argument("--overwrite", action="store_true", help="replace an export already in --out")
     return parser
 
 
@@ -82,6 +89,8 @@ def main(argv: list[str] | None = None) -> int:
             sys.stdout.flush()  # here, so that a closed pipe (`| head -1`) is caught below
         elif args.command == "pretrain":
             pretrain(PretrainSettings(**options))
+        elif args.command == "export":
+            export_run(args.run, args.out, args.overwrite)
         elif getattr(args, "compare", False):  # the command line goes under the comparison table
             command = " ".join(["python -m llm_scratch", *(sys.argv[1:] if argv is None else argv)])
             compare(FinetuneSettings.from_options(**options), command=command)

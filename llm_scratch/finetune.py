@@ -1,4 +1,4 @@
-"""A fine-tuning run end to end: its settings, `finetune`, `compare` and `load_run`.
+"""A fine-tuning run end to end: its settings, `finetune` and `load_run` (`llm_scratch.compare` runs several).
 
 The CLI and the notebooks call this module; it knows nothing of the command line. Its run folders go
 through the run layer (`llm_scratch.run_record`): staged, locked, recorded, refused when they would mix runs.
@@ -26,13 +26,12 @@ from llm_scratch.classifier import (
 )
 from llm_scratch.config import PRESETS, QUICK_PRESET, pick_device, quick_mode
 from llm_scratch.data import LABELS, load_spam_splits, spam_dataloaders
-from llm_scratch.files import atomic_path, read_safetensors, require_finite, save_safetensors
+from llm_scratch.files import read_safetensors, require_finite, save_safetensors
 from llm_scratch.frozen_prefix import skip_frozen_prefix
 from llm_scratch.lora import LoRAConfig, parameter_summary
 from llm_scratch.loraplus import loraplus_param_groups
 from llm_scratch.methods import (
     CLASSIFIER_LORA,
-    COMPARED_METHODS,
     LEARNING_RATES,
     LORA_METHODS,
     METHODS,
@@ -41,7 +40,7 @@ from llm_scratch.methods import (
     prepare_for_method,
 )
 from llm_scratch.model import GPTModel
-from llm_scratch.plots import plot_accuracy, plot_comparison, plot_losses, save_figure
+from llm_scratch.plots import plot_accuracy, plot_losses, save_figure
 from llm_scratch.precision import autocast, check_precision
 from llm_scratch.pretrained import download_gpt2, save_gpt2_safetensors
 from llm_scratch.run_folder import fingerprint
@@ -69,7 +68,6 @@ EPOCHS, QUICK_EPOCHS = 5, 8
 DEFAULT_MODEL_NAME = "gpt2-small"
 MAX_SEED = 2**64 - 1  # the largest seed torch.manual_seed takes
 DEVICE_NAME = re.compile(r"cpu|mps|cuda(:\d+)?")
-COMPARISON_TABLE, COMPARISON_FIGURE = "comparison.md", "comparison.png"  # what `compare` writes
 
 
 @dataclass(frozen=True)
@@ -289,44 +287,6 @@ def _save_trained(model: GPTModel, settings: FinetuneSettings, folder: Path) -> 
         return save_lora(model, folder / ADAPTER_FILE, settings.lora_config, model_name=settings.model_name)
     return save_safetensors(trained, folder / TRAINED_FILE,
                             metadata={"method": settings.method, "model_name": settings.model_name})
-
-
-def compare(settings: FinetuneSettings, methods: tuple[str, ...] = COMPARED_METHODS,
-            command: str = "") -> dict[str, dict]:
-    """Run several methods (any of METHODS) with the same data and seed; write comparison.md and .png.
-
-    `settings.lora_config` and `settings.loraplus_lr_ratio` apply to the LoRA methods (lora, dora).
-    `command`, if given, is the shell command that made the comparison, quoted under the table.
-    """
-    out = Path(settings.out) if settings.out is not None else Path("runs") / "compare"
-    ratio = settings.loraplus_lr_ratio
-    results = {m: finetune(dataclasses.replace(
-        settings, method=m, out=out / m, lora_config=settings.lora_config if m in LORA_METHODS else None,
-        loraplus_lr_ratio=ratio if m in LORA_METHODS else None)) for m in methods}
-    first = next(iter(results.values()))
-    setting, run = f"{first['model_name']}, {first['data']}", first["settings"]
-    header = ("| method | trainable parameters | test accuracy | validation accuracy | training time | "
-              "peak memory | saved file |\n|---|---:|---:|---:|---:|---:|---:|\n")
-    rows = "".join(
-        f"| {m} | {r['trainable_parameters']:,} of {r['base_parameters']:,} | "
-        f"{format_accuracy(r['test_accuracy'], r['test_examples'])} | "
-        f"{format_accuracy(r['validation_accuracy'], r['validation_examples'])} | "
-        f"{r['train_time_s']:.0f} s | {r['peak_memory_mb']:,.0f} MB | {r['saved_file_mb']:,.1f} MB |\n"
-        for m, r in results.items())
-    note = (f"\n{setting}; {run['epochs']} epochs, batch {run['batch_size']}, seed {run['seed']}, "
-            f"device {run['device']}; peak memory is the {first['peak_memory_kind']}. Accuracies on "
-            f"{first['test_examples']:,} test and {first['validation_examples']:,} validation messages, with "
-            "their 95% Wilson interval.\n")
-    if ratio is not None:
-        note += f"LoRA+ on the LoRA methods: B's learning rate is {ratio:g} times A's.\n"
-    if command:
-        note += f"Command: `{command}`\n"
-    with atomic_path(out / COMPARISON_TABLE) as temporary:
-        temporary.write_text(header + rows + note)
-    save_figure(plot_comparison(results, f"Methods compared ({setting})"), COMPARISON_FIGURE, out)
-    plt.close("all")
-    print(header + rows + note)
-    return results
 
 
 def load_run(run_dir: Path, device: str | None = None) -> tuple[GPTModel, RunRecord]:

@@ -19,7 +19,7 @@ import math
 from torch import nn
 
 from llm_scratch.lora import lora_layers
-from llm_scratch.training import no_weight_decay
+from llm_scratch.optimizer import no_weight_decay
 
 
 def loraplus_param_groups(model: nn.Module, lr: float, loraplus_lr_ratio: float) -> list[dict]:
@@ -27,7 +27,7 @@ def loraplus_param_groups(model: nn.Module, lr: float, loraplus_lr_ratio: float)
 
     The groups are those of Hugging Face PEFT's `create_loraplus_optimizer`: matrices (A, the head's weight)
     at `lr`; B and every other 1-D tensor (DoRA's m, biases) at `lr * loraplus_lr_ratio`. Weight decay
-    follows the package's one rule (`llm_scratch.training.no_weight_decay`): none on biases and norms; the
+    follows the package's one rule (`llm_scratch.optimizer.no_weight_decay`): none on biases and norms; the
     other groups take the optimizer's weight decay.
     """
     if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not 0 < lr < math.inf:

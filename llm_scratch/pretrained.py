@@ -139,10 +139,20 @@ def save_gpt2_safetensors(model: GPTModel, path: str | Path, *, hf_config: bool 
     The number of heads goes into the file's metadata. `hf_config=True` also writes a config.json next to
     the file, so that `GPT2LMHeadModel.from_pretrained(folder)` can load it (name the file model.safetensors).
     """
-    cfg = model.cfg
     if model.out_head.weight is not model.tok_emb.weight:
         raise ValueError("the model's output head is not the token embedding (a classifier head?); GPT-2's "
                          "layout stores only the tied head, so this model cannot be saved in it")
+    path = save_safetensors(gpt2_tensors(model), path,
+                            metadata={"format": "pt", N_HEADS_METADATA_KEY: str(model.cfg.n_heads)})
+    if hf_config:
+        path.with_name(HF_CONFIG_FILE).write_text(json.dumps(hf_config_dict(model.cfg), indent=2) + "\n")
+    return path
+
+
+def gpt2_tensors(model: GPTModel) -> dict[str, torch.Tensor]:
+    """The model's embeddings, blocks and final norm as GPT-2's checkpoint names them ("wte.weight",
+    "h.0.attn.c_attn.weight", ...), each a contiguous CPU tensor; the output head is not among them."""
+    cfg = model.cfg
     params = dict(model.named_parameters(remove_duplicate=False))
     if not cfg.qkv_bias:  # GPT-2 always has q/k/v biases; zeros compute the same as no bias
         for i in range(cfg.n_layers):
@@ -153,11 +163,7 @@ def save_gpt2_safetensors(model: GPTModel, path: str | Path, *, hf_config: bool 
     if missing:
         raise ValueError(f"the model has no parameter {missing[0]!r}, so it is not a plain GPTModel; for a "
                          "model with LoRA layers, merge the adapters into the base weights first")
-    tensors = {rule.hf_key: ours_to_hf(rule, params) for rule in rules}
-    path = save_safetensors(tensors, path, metadata={"format": "pt", N_HEADS_METADATA_KEY: str(cfg.n_heads)})
-    if hf_config:
-        path.with_name(HF_CONFIG_FILE).write_text(json.dumps(hf_config_dict(cfg), indent=2) + "\n")
-    return path
+    return {rule.hf_key: ours_to_hf(rule, params) for rule in rules}
 
 
 def hf_config_dict(cfg: GPTConfig) -> dict:
@@ -182,5 +188,5 @@ def hf_config_dict(cfg: GPTConfig) -> dict:
     return config
 
 
-__all__ = ["HF_CONFIG_FILE", "HF_REPOS", "HF_WEIGHTS_FILE", "download_gpt2", "hf_config_dict", "load_gpt2",
-           "save_gpt2_safetensors"]
+__all__ = ["HF_CONFIG_FILE", "HF_REPOS", "HF_WEIGHTS_FILE", "download_gpt2", "gpt2_tensors", "hf_config_dict",
+           "load_gpt2", "save_gpt2_safetensors"]

@@ -88,10 +88,10 @@ class RunRecord:
 
 # ---- Writing: one staged folder per run, refused when it would mix two runs ----
 
-def check_out(out: Path, overwrite: bool, command: str) -> None:
+def check_out(out: Path, overwrite: bool, command: str, files: frozenset[str] | None = None) -> None:
     """Raise a ValueError if `out` cannot take a `command` run: the current folder or one above it, a file,
-    a folder holding files the command does not write or another command's run, or (unless `overwrite`) a
-    folder that already holds a run."""
+    a folder holding files the command does not write (`files`, default `COMMAND_FILES[command]`) or another
+    command's run, or (unless `overwrite`) a folder that already holds a run."""
     out, here = Path(out), Path.cwd().resolve()
     if out.resolve() == here or out.resolve() in here.parents:
         raise ValueError(f"the run folder {str(out)!r} is the current folder or one above it, which a run "
@@ -105,7 +105,7 @@ def check_out(out: Path, overwrite: bool, command: str) -> None:
         raise ValueError(f"{out} holds a {other} run, and {command} writes runs of its own kind; choose "
                          "another run folder (--out)")
     names = sorted(path.name for path in out.iterdir())
-    foreign = [name for name in names if name not in COMMAND_FILES[command]]
+    foreign = [name for name in names if name not in (files or COMMAND_FILES[command])]
     if foreign:
         raise ValueError(f"{out} holds files a {command} run does not write ({', '.join(foreign[:3])}); a "
                          "run replaces its whole folder, so choose another run folder (--out) or move those "
@@ -124,13 +124,15 @@ def _command_of(folder: Path) -> str | None:
 
 
 @contextmanager
-def writing_run_folder(out: str | Path, command: str, overwrite: bool = False) -> Iterator[Path]:
+def writing_run_folder(out: str | Path, command: str, overwrite: bool = False,
+                       files: frozenset[str] | None = None) -> Iterator[Path]:
     """A new, empty hidden folder to write a `command` run into; it replaces `out` only once the `with` block
-    completes (see `llm_scratch.run_folder.writing_run`), after `check_out` accepted `out`."""
-    if command not in COMMAND_FILES:
+    completes (see `llm_scratch.run_folder.writing_run`), after `check_out` accepted `out`. `files`: the names
+    the command writes, for a command that is not one of COMMAND_FILES (e.g. export)."""
+    if command not in COMMAND_FILES and files is None:
         raise ValueError(f"unknown command {command!r}; run folders are written by "
                          f"{', '.join(COMMAND_FILES)}")
-    with writing_run(out, lambda folder: check_out(folder, overwrite, command)) as folder:
+    with writing_run(out, lambda folder: check_out(folder, overwrite, command, files)) as folder:
         yield folder
 
 
@@ -159,25 +161,27 @@ def write_json(path: Path, content: dict) -> Path:
 
 # ---- Reading: every key checked, errors that name the file and the key ----
 
-def read_record(run_dir: str | Path, command: str) -> RunRecord:
-    """The RunRecord of the run folder `run_dir`, which `command` must have written; a ValueError naming the
-    file and the key for anything missing or malformed, a FileNotFoundError without run.json."""
+def read_record(run_dir: str | Path, command: str | None) -> RunRecord:
+    """The RunRecord of the run folder `run_dir`, which `command` must have written (None: any command); a
+    ValueError naming the file and the key for anything missing or malformed, a FileNotFoundError without
+    run.json."""
     path = Path(run_dir) / RUN_FILE
     if not path.is_file():
-        raise FileNotFoundError(f"{path} not found; pass the folder a {command} run wrote (its --out)")
+        raise FileNotFoundError(f"{path} not found; pass the folder a {command or 'training'} run wrote (its "
+                                "--out)")
+    again = f"run {command or 'the command that wrote it'} again"  # how errors end
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ValueError(f"{path} is not valid JSON ({error}); the file is damaged: run {command} "
-                         "again") from None
+        raise ValueError(f"{path} is not valid JSON ({error}); the file is damaged: {again}") from None
     if not isinstance(raw, dict):
         raise ValueError(f"{path} must hold a JSON object ({{...}}), not a {type(raw).__name__}")
     if raw.get("format") != RECORD_FORMAT or raw.get("version") != RECORD_VERSION:
         raise ValueError(f"{path} was written by another version of llm-scratch (format "
                          f"{raw.get('format')!r}, version {raw.get('version')!r}; this one reads version "
-                         f"{RECORD_VERSION}): run {command} again")
-    record = record_from_json(raw, path, command)
-    if record.command != command:
+                         f"{RECORD_VERSION}): {again}")
+    record = record_from_json(raw, path, command or str(raw.get("command")))
+    if command is not None and record.command != command:
         raise ValueError(f"{path} records a {record.command} run, not a {command} run; pass the folder a "
                          f"{command} run wrote")
     return record

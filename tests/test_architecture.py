@@ -16,11 +16,14 @@ LEVELS = {
     "config": 0, "files": 0, "tokenizer": 0, "precision": 0,
     "attention": 1, "run_folder": 1,
     "model": 2, "checkpoint": 2, "plots": 2, "data": 2, "dora": 2,
-    "generate": 3, "pretrained": 3, "lora": 3, "training": 3, "frozen_prefix": 3,
-    "adapters": 4, "classifier": 4, "loraplus": 4, "methods": 4, "language_model": 4, "run_record": 4,
-    "finetune": 5, "peft_format": 5, "pretrain": 5,
-    "cli": 6,
-    "__main__": 7, "__init__": 7,
+    "generate": 3, "pretrained": 3, "lora": 3, "optimizer": 3, "frozen_prefix": 3,
+    "training": 4,
+    "adapters": 4, "loraplus": 4, "methods": 4, "run_record": 4,
+    "classifier": 5, "language_model": 5, "peft_format": 5,
+    "finetune": 6, "pretrain": 6,
+    "compare": 7, "export": 7,
+    "cli": 8,
+    "__main__": 9, "__init__": 9,
 }
 
 
@@ -61,12 +64,12 @@ def test_imports_run_one_way(path: Path):
 
 
 def test_the_training_loop_knows_nothing_of_what_it_trains():
-    assert package_imports(PACKAGE / "training.py") <= {"config", "files", "model", "precision"}
+    assert package_imports(PACKAGE / "training.py") <= {"config", "files", "model", "optimizer", "precision"}
 
 
 def test_modules_stay_small():
     lines = {str(path.relative_to(PACKAGE)): len(path.read_text().splitlines()) for path in MODULES}
-    assert lines["cli.py"] < 100, "cli.py parses arguments only; the work belongs in finetune.py"
+    assert lines["cli.py"] < 150, "cli.py parses arguments only; the work belongs in the modules it calls"
     too_long = {name: n for name, n in lines.items() if n > 350}
     assert not too_long, f"split these modules by job: {too_long}"
 

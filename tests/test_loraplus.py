@@ -14,7 +14,8 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from llm_scratch.cli import main
-from llm_scratch.finetune import FinetuneSettings, compare
+from llm_scratch.compare import compare
+from llm_scratch.finetune import FinetuneSettings
 from llm_scratch.lora import LoRAConfig, lora_layers, mark_only_lora_trainable, replace_linear_with_lora
 from llm_scratch.loraplus import loraplus_param_groups
 from llm_scratch.peft_format import hf_modules

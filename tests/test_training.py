@@ -16,8 +16,9 @@ from llm_scratch.lora import LoRAConfig
 from llm_scratch.loraplus import loraplus_param_groups
 from llm_scratch.methods import prepare_for_method
 from llm_scratch.model import GPTModel
+from llm_scratch.optimizer import lr_factor, no_weight_decay, weight_decay_groups
 from llm_scratch.pretrain import build_model
-from llm_scratch.training import lr_factor, no_weight_decay, train, weight_decay_groups
+from llm_scratch.training import train
 
 TEXT = "The cat sat on the mat. The dog sat on the log. " * 30  # 16-token windows, about 8 steps an epoch
 
