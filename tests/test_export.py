@@ -33,7 +33,7 @@ QUICK_TEST_SPLIT = load_spam_splits(quick=True, seed=123).test  # the 100 messag
 
 @pytest.fixture(scope="module")
 def hub(tmp_path_factory) -> Path:
-    """A gpt2-small-shaped GPT-2 with random weights, as the Hub serves it: model.safetensors + config.json."""
+    """A gpt2-small-shaped GPT-2 with random weights as the Hub serves it: model.safetensors, config.json."""
     folder = tmp_path_factory.mktemp("hub")
     torch.manual_seed(0)
     save_gpt2_safetensors(GPTModel(PRESETS["gpt2-small"]), folder / "model.safetensors", hf_config=True)
@@ -47,14 +47,14 @@ def gpt2_small_run(method: str, hub: Path, out: Path, monkeypatch) -> Path:
     splits = load_spam_splits(quick=True, seed=123)
     few = SpamSplits(splits.train[:24], splits.validation[:8], splits.test[:8])
     monkeypatch.setattr(finetune_module, "load_spam_splits", lambda **options: few)
+    lora = finetune_module.CLASSIFIER_LORA if method in ("lora", "dora") else None
     finetune(FinetuneSettings(method=method, model_name="gpt2-small", quick=False, epochs=1, lr=2e-3,
-                              device="cpu", out=out, progress=False, lora_config=finetune_module.CLASSIFIER_LORA
-                              if method in ("lora", "dora") else None))
+                              device="cpu", out=out, progress=False, lora_config=lora))
     return out
 
 
 def our_probabilities(run: Path) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The run's own class probabilities on the quick test split, with the token ids and mask that gave them."""
+    """The run's own class probabilities on the quick test split, and the token ids and mask that gave them."""
     model, record = load_run(run, device="cpu")
     splits = SpamSplits(QUICK_TEST_SPLIT, QUICK_TEST_SPLIT[:1], QUICK_TEST_SPLIT)
     loader = spam_dataloaders(splits, batch_size=len(QUICK_TEST_SPLIT), max_length=record.max_length).test
@@ -91,9 +91,9 @@ def test_a_quick_run_exports_with_its_base_and_the_readme_recipe_classifies(quic
     """The README's lines, run as written on a quick LoRA run's export (its base is in `base/`)."""
     out = tmp_path / "lora-hf"
     assert main(["export", "--run", str(quick_runs["lora"]), "--out", str(out)]) == 0
-    assert sorted(p.name for p in out.iterdir()) == ["adapter_config.json", "adapter_model.safetensors", "base",
-                                                    "config.json", "merges.txt", "tokenizer_config.json",
-                                                    "vocab.json"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "adapter_config.json", "adapter_model.safetensors", "base", "config.json", "merges.txt",
+        "tokenizer_config.json", "vocab.json"]
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
     recipe = re.search(r"## Use your run with Hugging Face.*?```python\n(.*?)```", readme, re.S).group(1)
     recipe = recipe.replace('"runs/lora-hf"', repr(str(out)))
