@@ -54,7 +54,7 @@ def gpt2_small_run(method: str, hub: Path, out: Path, monkeypatch) -> Path:
 
 
 def our_probabilities(run: Path) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The run's own class probabilities on the quick test split, and the token ids and mask that gave them."""
+    """The run's class probabilities on the quick test split, and the token ids and mask that gave them."""
     model, record = load_run(run, device="cpu")
     splits = SpamSplits(QUICK_TEST_SPLIT, QUICK_TEST_SPLIT[:1], QUICK_TEST_SPLIT)
     loader = spam_dataloaders(splits, batch_size=len(QUICK_TEST_SPLIT), max_length=record.max_length).test
