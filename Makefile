@@ -47,9 +47,11 @@ figures: $(VENV)/.installed
 	LLM_SCRATCH_QUICK= LLM_SCRATCH_FIGURES="$(CURDIR)/figures" \
 		$(BIN)/jupyter nbconvert --to notebook --execute --output-dir runs/notebooks $(FIGURE_NOTEBOOKS)
 
+# Two test processes side by side (pytest-xdist), one thread each; TEST_WORKERS=0 runs them in this process.
+TEST_WORKERS ?= 2
 test: $(VENV)/.installed-test
 	$(BIN)/python -m ruff check .
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist worksteal
 
 lint: $(VENV)/.installed-test
 	$(BIN)/python -m ruff check .

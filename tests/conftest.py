@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
+import os
 import socket
 from pathlib import Path
 
 import pytest
+import torch
+
+# One thread per test process, and per process a test starts: the tests' models are small, one thread is as
+# fast as two for them, `make test` runs two processes side by side on two cores (pytest -n 2), and a thread
+# that waits for another one descheduled by a busy machine stalls the whole matrix product. It also makes
+# forking this process safe (tests/test_faults.py): no thread pool is running to be copied half-way.
+torch.set_num_threads(1)
+os.environ["OMP_NUM_THREADS"] = "1"
 
 
 @pytest.fixture

@@ -9,6 +9,7 @@ import collections
 import errno
 import glob
 import json
+import multiprocessing
 import os
 import random
 import resource
@@ -26,7 +27,7 @@ import pytest
 from llm_scratch import files
 from llm_scratch.cli import main
 from llm_scratch.finetune import classify_with_run
-from llm_scratch.run_record import record_path
+from llm_scratch.run_record import checked_file, read_record, record_path
 
 
 def environment(tmp_path: Path) -> dict[str, str]:
@@ -54,6 +55,24 @@ def old_run(quick_runs, tmp_path) -> Path:
     return shutil.copytree(quick_runs["lora"], tmp_path / "runs" / "lora")
 
 
+def fork_cli(tmp_path: Path, *args) -> multiprocessing.Process:
+    """`python -m llm_scratch ARGS` in a forked copy of this process, its output discarded: the same command
+    without Python's start-up and imports (seconds each), so that a kill falls within the run itself."""
+    process = multiprocessing.get_context("fork").Process(
+        target=_cli_in_child, args=(environment(tmp_path), [str(arg) for arg in args]))
+    process.start()
+    return process
+
+
+def _cli_in_child(env: dict[str, str], argv: list[str]) -> None:
+    os.environ.clear()
+    os.environ.update(env)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 1)
+    os.dup2(devnull, 2)
+    os._exit(main(argv))  # no cleanup of the parent's state: this process only ever runs the command
+
+
 def staging_folders(out: Path) -> set[str]:
     """The temporary folders of runs into `out` (the one being written, and those killed runs left)."""
     return set(glob.glob(f"{glob.escape(str(out.parent))}/.{out.name}.partial-*"))
@@ -65,67 +84,123 @@ def staging_names(out: Path, stale: set[str]) -> list[str]:
                   for p in glob.glob(f"{glob.escape(folder)}/*") + glob.glob(f"{glob.escape(folder)}/.*"))
 
 
-def moment(staged: list[str], running: bool, replaced: bool) -> str:
-    """When a kill struck, from what the run's temporary folder held and what the run folder holds after."""
+def moment(staged: list[str], running: bool, replaced: bool, saving_starts: str) -> str:
+    """When a kill struck, from what the run's temporary folder held and what the run folder holds after;
+    `saving_starts`: the first file the run writes once training is over."""
     if not running:
         return "after the process had ended"
     if not staged:
         return "after the move into place" if replaced else "before the run wrote anything"
-    if not any("adapter" in name for name in staged):
-        return "while training (base model written)"
-    return "while saving (adapter, run.json, metrics, figures)"
+    if saving_starts not in staged:
+        return "while training"
+    return "while saving its files"
 
 
-@pytest.mark.slow
-def test_sigkill_at_random_moments_leaves_the_old_run_or_the_new_one(old_run, tmp_path, messages):
-    """24 kills (-9): half at any moment of the run, half during its saves; after each, classify gives
-    exactly the predictions of the run that run.json names (by its seed), or refuses."""
+def kill_at_random_moments(tmp_path: Path, old_run: Path, args_for, n_kills: int, saving_starts: str,
+                           which_run, seed: int = 20240607) -> collections.Counter:
+    """Run `args_for(out)` once into tmp_path/reference (to time it), then start it over `old_run` and SIGKILL
+    it, `n_kills` times: every other time at a random moment of the whole run, else at a random moment of its
+    saving (once its first file after training, `saving_starts`, appears, then within 0.6 s). After each
+    kill, `which_run(old_run)` says "old" or "new" (whole) or raises; the old run is put back whenever the
+    new one completed. Returns the outcomes by moment."""
     pristine = shutil.copytree(old_run, tmp_path / "pristine")
-    expected = {1: classify_with_run(old_run, messages)}
     began = time.perf_counter()
-    reference = start(tmp_path, *new_run(tmp_path / "reference"))
-    assert reference.wait(timeout=300) == 0, reference.stderr.read()
+    reference = fork_cli(tmp_path, *args_for(tmp_path / "reference"))
+    reference.join(timeout=300)
     duration = time.perf_counter() - began
-    expected[2] = classify_with_run(tmp_path / "reference", messages)
-    assert expected[1] != expected[2]  # the two runs are told apart by their predictions
-
-    rng = random.Random(20240607)
+    assert reference.exitcode == 0
+    rng = random.Random(seed)
     outcomes: collections.Counter = collections.Counter()
-    for kill in range(24):
-        if json.loads(record_path(old_run).read_text())["settings"]["seed"] != 1:  # the last re-run completed
+    for kill in range(n_kills):
+        if which_run(old_run) == "new":  # the last re-run completed: start again from the old run
             shutil.rmtree(old_run)
             shutil.copytree(pristine, old_run)
         stale = staging_folders(old_run)  # left by the last kill; the run removes them once it holds the lock
-        process = start(tmp_path, *new_run(old_run))
+        process = fork_cli(tmp_path, *args_for(old_run))
         if kill % 2 == 0:  # any moment of the whole run
             time.sleep(rng.uniform(0.0, duration))
-        else:  # during the saves: once the adapter is being written, then within the next 0.6 s
-            while process.poll() is None and not any("adapter" in n for n in staging_names(old_run, stale)):
+        else:  # during the saves
+            while process.is_alive() and saving_starts not in staging_names(old_run, stale):
                 time.sleep(0.002)
             time.sleep(rng.uniform(0.0, 0.6))
-        staged, running = staging_names(old_run, stale), process.poll() is None
+        staged, running = staging_names(old_run, stale), process.is_alive()
         process.kill()
-        process.wait()
+        process.join()
         try:
-            predictions = classify_with_run(old_run, messages)
+            outcome = which_run(old_run)
         except (ValueError, FileNotFoundError) as error:
             assert str(old_run) in str(error)  # a clear refusal that names the folder or its file
-            outcomes[(moment(staged, running, False), f"refused: {str(error)[:60]}")] += 1
-            continue
-        seed = json.loads(record_path(old_run).read_text())["settings"]["seed"]
-        assert predictions == expected[seed], f"kill {kill}: the folder claims seed {seed}, answers otherwise"
-        outcome = "old run, whole" if seed == 1 else "new run, whole"
-        outcomes[(moment(staged, running, seed == 2), outcome)] += 1
-
-    final = start(tmp_path, *new_run(old_run))
-    assert final.wait(timeout=300) == 0, final.stderr.read()
-    assert classify_with_run(old_run, messages) == expected[2]
-    assert sorted(p.name for p in old_run.parent.iterdir()) == ["lora"]  # no temporary folder, no lock left
-    print(f"\n{sum(outcomes.values())} kills (-9); a full run takes {duration:.1f} s here:")
+            outcome = f"refused: {str(error)[:60]}"
+        outcomes[(moment(staged, running, outcome == "new", saving_starts), outcome)] += 1
+    print(f"\n{n_kills} kills (-9); a whole run takes {duration:.1f} s here:")
     for (when, outcome), count in sorted(outcomes.items()):
         print(f"  {count:2d} x killed {when}: {outcome}")
+    return outcomes
+
+
+@pytest.mark.slow
+def test_sigkill_at_random_moments_leaves_the_old_finetune_run_or_the_new_one(old_run, tmp_path, messages):
+    """24 kills (-9) of a fine-tuning re-run; after each, classify gives exactly the predictions of the run
+    that run.json names (by its seed), or refuses."""
+    expected = {1: classify_with_run(old_run, messages)}
+
+    def which_run(folder: Path) -> str:
+        seed = json.loads(record_path(folder).read_text())["settings"]["seed"]
+        if seed not in expected:  # the re-run's: the reference run, made first, gives its predictions
+            expected[seed] = classify_with_run(tmp_path / "reference", messages)
+        assert classify_with_run(folder, messages) == expected[seed], f"the folder claims seed {seed}"
+        return "old" if seed == 1 else "new"
+
+    outcomes = kill_at_random_moments(tmp_path, old_run, new_run, 24, "adapter.safetensors", which_run)
+    expected.setdefault(2, classify_with_run(tmp_path / "reference", messages))
+    assert expected[1] != expected[2]  # the two runs are told apart by their predictions
     assert sum(outcomes.values()) == 24
-    assert sum(n for (when, _), n in outcomes.items() if when.startswith("while saving")) >= 5
+    assert sum(n for (when, _), n in outcomes.items() if when == "while saving its files") >= 5
+    final = fork_cli(tmp_path, *new_run(old_run))
+    final.join(timeout=300)
+    assert final.exitcode == 0 and classify_with_run(old_run, messages) == expected[2]
+    assert sorted(p.name for p in old_run.parent.iterdir()) == ["lora"]  # no temporary folder, no lock left
+
+
+@pytest.fixture
+def old_pretraining_run(tmp_path) -> Path:
+    """A good quick pretraining run (seed 1, one epoch) at tmp_path/runs/pretrain."""
+    out = tmp_path / "runs" / "pretrain"
+    assert main(["pretrain", "--quick", "--epochs", "1", "--seed", "1", "--out", str(out),
+                 "--no-progress"]) == 0
+    return out
+
+
+@pytest.mark.slow
+def test_sigkill_at_random_moments_leaves_the_old_pretraining_run_or_the_new_one(snapshot, tmp_path,
+                                                                                old_pretraining_run):
+    """20 kills (-9) of `pretrain --overwrite` over a good run: each time the folder holds the old run byte
+    for byte, or the new one whole (every file the reference re-run wrote, the same bytes where the run is
+    deterministic, the record's checksums right), never a mix."""
+    old = snapshot(old_pretraining_run)
+
+    def args_for(out: Path) -> list:
+        return ["pretrain", "--quick", "--epochs", "1", "--seed", "2", "--no-progress", "--out", out,
+                "--overwrite"]
+
+    def which_run(folder: Path) -> str:
+        files = snapshot(folder)
+        if files == old:
+            return "old"
+        new = snapshot(tmp_path / "reference")
+        assert files.keys() == new.keys(), sorted(files)
+        for name in ("model.safetensors", "config.json", "samples.txt"):
+            assert files[name] == new[name], name
+        record = read_record(folder, "pretrain")
+        for name in record.files:
+            checked_file(folder, record, name, "a file of the run")
+        assert json.loads(files["metrics.json"])["settings"]["seed"] == record.settings["seed"] == 2
+        return "new"
+
+    outcomes = kill_at_random_moments(tmp_path, old_pretraining_run, args_for, 20, "model.safetensors",
+                                      which_run)
+    assert sum(outcomes.values()) == 20 and not any(o.startswith("refused") for _, o in outcomes)
+    assert sum(n for (when, _), n in outcomes.items() if when == "while saving its files") >= 5
 
 
 def test_ctrl_c_during_training_prints_one_line_exits_130_and_changes_nothing(snapshot, old_run, tmp_path):

@@ -8,6 +8,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -18,11 +19,13 @@ import torch.nn.functional as F
 from transformers import GPT2LMHeadModel
 
 from llm_scratch import GPTConfig, GPTModel, generate, get_tokenizer
+from llm_scratch.cli import main
 from llm_scratch.data import NextTokenDataset, load_text, split_tokens, text_dataloaders
 from llm_scratch.generate import next_token
 from llm_scratch.language_model import evaluate_language_model, next_token_loss, train_language_model
 from llm_scratch.pretrain import QUICK_CONTEXT_LENGTH, PretrainSettings, build_model, pretrain
 from llm_scratch.pretrained import load_gpt2
+from llm_scratch.run_record import read_record
 
 # The shipped story, as its provenance (../shared/data/pretraining/README.md) describes it.
 VERDICT_SHA256 = "b41e41a68f0398a3154ae69e2e4c0e2694e17fe0d66730536837f1b01935b31f"
@@ -285,3 +288,27 @@ def test_a_given_text_is_honoured_and_wrong_settings_are_refused(tmp_path):
     with pytest.raises(ValueError, match="longer than the tiny model's 256 positions"):
         pretrain(PretrainSettings(context_length=512, out=tmp_path / "no"))
     assert not (tmp_path / "no").exists()  # refused before anything was written
+
+
+# ---- The run folder: staged, recorded, refused when it would mix runs ----
+
+def test_pretrain_refuses_a_folder_holding_a_run_and_replaces_it_only_when_told(snapshot, quick_runs,
+                                                                              tmp_path, capsys):
+    run = tmp_path / "pretrain"
+    quick = ["pretrain", "--quick", "--epochs", "1", "--no-progress", "--out", str(run)]
+    assert main(quick) == 0
+    before = snapshot(tmp_path)
+    assert main([*quick, "--seed", "2"]) == 2  # a run is there: refused, byte for byte unchanged
+    assert "already holds a run; pass --overwrite" in capsys.readouterr().err
+    assert snapshot(tmp_path) == before
+    assert main([*quick, "--seed", "2", "--overwrite"]) == 0  # replaced, whole
+    assert read_record(run, "pretrain").settings["seed"] == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pretrain"]  # no staging folder or lock left
+
+    finetuned = shutil.copytree(quick_runs["lora"], tmp_path / "lora")
+    before = snapshot(tmp_path)
+    assert main(["pretrain", "--quick", "--out", str(finetuned), "--overwrite", "--no-progress"]) == 2
+    assert "holds a finetune run, and pretrain writes runs of its own kind" in capsys.readouterr().err
+    assert main(["finetune", "--quick", "--out", str(run), "--overwrite", "--no-progress"]) == 2
+    assert "holds a pretrain run, and finetune writes runs of its own kind" in capsys.readouterr().err
+    assert snapshot(tmp_path) == before
