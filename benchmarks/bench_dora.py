@@ -14,11 +14,9 @@ memory is measured in a fresh process per model, as in bench_finetune.py.
 from __future__ import annotations
 
 import argparse
-import statistics
 
 from bench_finetune import (  # benchmarks/ is on the path when run as a script
     add_step_options,
-    alternating_times,
     build,
     parse_step_args,
     peak_memory_mb,
@@ -26,6 +24,7 @@ from bench_finetune import (  # benchmarks/ is on the path when run as a script
     step_table,
     train_step,
 )
+from common import median_ratio, medians, times_in_turn
 
 from llm_scratch.config import GPTConfig
 from llm_scratch.loraplus import loraplus_param_groups
@@ -54,12 +53,11 @@ def main(argv: list[str] | None = None) -> dict:
              for name, model in models.items()}
     trainable = {name: sum(p.numel() for p in model.parameters() if p.requires_grad)
                  for name, model in models.items()}
-    times = alternating_times({name: (lambda step=step: step(batch)) for name, step in steps.items()},
-                              args.warmup, args.repeats)
+    times, _ = times_in_turn({name: (lambda step=step: step(batch)) for name, step in steps.items()},
+                             args.warmup, args.repeats)
     del models, steps
-    step_s = {name: statistics.median(t) for name, t in times.items()}
-    ratios = {row: statistics.median(a / b for a, b in zip(times[top], times[bottom], strict=True))
-              for row, (top, bottom) in RATIOS.items()}
+    step_s = medians(times)
+    ratios = {row: median_ratio(times[top], times[bottom]) for row, (top, bottom) in RATIOS.items()}
     memory = {name: peak_memory_mb(name, args) for name in MODELS[:2]}
     results = {"step_s": step_s, "step_times": times, "ratios": ratios, "peak_mb": memory,
                "trainable": trainable, "loraplus_lrs": sorted({group["lr"] for group in groups})}

@@ -14,7 +14,6 @@ import argparse
 import dataclasses
 import itertools
 import json
-import statistics
 import subprocess
 import sys
 import time
@@ -23,16 +22,15 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from bench_generate import machine_description  # benchmarks/ is on the path when run as a script
+from common import machine_description, medians, sms_spam_file, times_in_turn  # benchmarks/ is on the path
 
 from llm_scratch.classifier import add_classification_head, classification_loss
 from llm_scratch.config import GPTConfig
 from llm_scratch.data import SpamBatch, load_spam_splits, spam_dataloaders
-from llm_scratch.finetune import CLASSIFIER_LORA, prepare_for_method
+from llm_scratch.methods import CLASSIFIER_LORA, prepare_for_method
 from llm_scratch.model import GPTModel
 from llm_scratch.precision import autocast
 
-SHARED_SMS = Path(__file__).resolve().parents[2] / "shared" / "data" / "sms_spam" / "SMSSpamCollection"
 MODELS = ("ours full", "hf full", "ours lora", "hf+peft lora")
 DORA_MODELS = ("ours dora", "hf+peft dora")  # measured by bench_dora.py, built here
 
@@ -94,28 +92,10 @@ def random_batch(batch_size: int, n_tokens: int, vocab_size: int) -> SpamBatch:
     return SpamBatch(ids, torch.full((batch_size,), n_tokens), torch.randint(0, 2, (batch_size,)))
 
 
-def alternating_times(steps: dict[str, Callable[[], object]], warmup: int,
-                      repeats: int) -> dict[str, list[float]]:
-    """Seconds of each callable in each of `repeats` rounds, run in turn A, B, A, B, ... after `warmup`."""
-    times: dict[str, list[float]] = {name: [] for name in steps}
-    for round_ in range(warmup + repeats):
-        for name, step in steps.items():
-            start = time.perf_counter()
-            step()
-            if round_ >= warmup:
-                times[name].append(time.perf_counter() - start)
-    return times
-
-
-def time_alternately(steps: dict[str, Callable[[], object]], warmup: int, repeats: int) -> dict[str, float]:
-    """Median seconds of each callable, run in turn A, B, A, B, ... after `warmup` rounds."""
-    return {name: statistics.median(t) for name, t in alternating_times(steps, warmup, repeats).items()}
-
-
 def matmul_gflops(n: int, repeats: int) -> float:
     """Throughput of a plain fp32 (n x n) @ (n x n) matmul on this machine, in GFLOP/s (median)."""
     a, b = torch.randn(n, n), torch.randn(n, n)
-    seconds = time_alternately({"mm": lambda: a @ b}, warmup=2, repeats=repeats)["mm"]
+    seconds = medians(times_in_turn({"mm": lambda: a @ b}, warmup=2, repeats=repeats)[0])["mm"]
     return 2 * n**3 / seconds / 1e9
 
 
@@ -158,7 +138,7 @@ def epoch_times(args: argparse.Namespace, cfg: GPTConfig) -> tuple[dict[str, flo
     else:
         if args.data is None or not Path(args.data).exists():
             raise SystemExit(f"the SMS Spam Collection is needed for the epoch timing: pass --data-path PATH "
-                             f"(default {SHARED_SMS} is absent)")
+                             f"(the default, {sms_spam_file()}, is absent)")
         splits = load_spam_splits(data_path=args.data)
     common = {"batch_size": args.batch_size, "context_length": cfg.context_length}
     fixed = f"fixed {args.fixed_pad}-token padding"
@@ -213,7 +193,7 @@ def main(argv: list[str] | None = None) -> dict:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_step_options(parser, repeats=7)
     parser.add_argument("--fixed-pad", type=int, default=120)
-    parser.add_argument("--data-path", dest="data", default=str(SHARED_SMS),
+    parser.add_argument("--data-path", dest="data", default=str(sms_spam_file()),
                         help="the SMSSpamCollection file for the epoch")
     parser.add_argument("--memory-of", choices=MODELS + DORA_MODELS, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -231,7 +211,7 @@ def main(argv: list[str] | None = None) -> dict:
                  for name, model in models.items()}
     steps = {name: train_step(model) for name, model in models.items()}
     calls = {name: (lambda step=step: step(batch)) for name, step in steps.items()}
-    step_s = time_alternately(calls, args.warmup, args.repeats)
+    step_s = medians(times_in_turn(calls, args.warmup, args.repeats)[0])
     del models, steps
     memory = {name: peak_memory_mb(name, args) for name in (MODELS[::2] if args.smoke else MODELS)}
     matmul = matmul_gflops(256 if args.smoke else 2048, repeats=3 if args.smoke else 10)

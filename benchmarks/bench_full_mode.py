@@ -1,7 +1,7 @@
 """Full-mode time of the notebooks on this CPU: the ones that download nothing run whole; notebook 05 (and
 its solutions) and notebook 03 are estimated from a short measured part, since they need GPT-2's weights.
 
-    python benchmarks/bench_full_mode.py --data-path ../shared/data/sms_spam/SMSSpamCollection
+    python benchmarks/bench_full_mode.py    # the collection from the data cache, or --data-path FILE
 
 Notebook 05's estimate: a gpt2-small-shaped classifier (random weights: a step costs the same whatever their
 values) takes training steps on the first batches of the real balanced training split, LoRA, last-block and
@@ -26,8 +26,8 @@ import time
 from pathlib import Path
 
 import torch
-from bench_generate import machine_description
 from bench_notebooks import NOTEBOOK_DIR, run_notebook_quick
+from common import machine_description, sms_spam_file
 
 from llm_scratch import GPTConfig, GPTModel, generate
 from llm_scratch.classifier import add_classification_head, classification_loss
@@ -118,7 +118,8 @@ def notebook_03() -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data-path", type=Path, required=True, help="the SMSSpamCollection file or UCI zip")
+    parser.add_argument("--data-path", type=Path, default=sms_spam_file(),
+                        help="the SMSSpamCollection file or UCI zip (default: the data cache's copy)")
     parser.add_argument("--batches", type=int, default=7, help="training batches timed per method, the "
                                                                "first one as warm-up (default 7)")
     parser.add_argument("--skip-whole", action="store_true", help="do not run notebooks 01 and 04 whole")

@@ -2,8 +2,8 @@
 
 A random Hugging Face GPT-2 of the chosen shape is saved as safetensors and loaded into `GPTModel` through
 `llm_scratch.pretrained.load_gpt2`, so both models hold the same weights. Each method then makes the same
-greedy continuation of one random prompt; the methods take turns (in a rotating order) so that a noisy
-machine slows them alike, and the table shows medians over the repeats after one warm-up run each.
+greedy continuation of one random prompt; the methods take turns so that a noisy machine slows them alike,
+and the table shows medians over the repeats after one warm-up run each.
 
     python benchmarks/bench_generate.py                # gpt2-small shape, 10-token prompt, 200 new tokens
     python benchmarks/bench_generate.py --smoke        # tiny shape, a few tokens: checks that it runs (CI)
@@ -15,17 +15,15 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import os
-import platform
 import shlex
 import statistics
 import sys
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from common import machine_description, median_ratio, times_in_turn  # benchmarks/ is on the path
 
 from llm_scratch import PRESETS, generate
 from llm_scratch.pretrained import load_gpt2
@@ -78,23 +76,6 @@ def same_weights_models(preset: str, seed: int):
     return hf, ours.eval()
 
 
-def machine_description() -> str:
-    """CPU model, cores, threads and library versions: what a reader needs to compare a table with theirs."""
-    import transformers
-
-    cpu = platform.processor() or "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:  # not Linux
-        pass
-    return (f"{cpu}, {torch.get_num_threads()} torch threads on {os.cpu_count()} cores; "
-            f"torch {torch.__version__}, "
-            f"transformers {transformers.__version__}, Python {platform.python_version()}")
-
-
 def main(argv: list[str] | None = None) -> dict:
     """Run the benchmark, print a markdown table; return the tokens per second and whether tokens match."""
     args = parse_args(argv)
@@ -132,19 +113,12 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> dict:
         "Hugging Face generate (its cache)": hf_generate,
     }
     names = list(methods)
-    seconds: dict[str, list[float]] = {name: [] for name in names}
-    tokens: dict[str, torch.Tensor] = {}
     with torch.no_grad():
         for name in names:  # warm-up: first calls allocate memory and start threads
             methods[name](min(n_new, 10))
-        for repeat in range(args.repeats):
-            shift = repeat % len(names)
-            for name in names[shift:] + names[:shift]:  # take turns, starting with a different one each time
-                start = time.perf_counter()
-                out = methods[name](n_new)
-                seconds[name].append(time.perf_counter() - start)
-                tokens[name] = out
-
+        seconds, outputs = times_in_turn({name: lambda m=methods[name]: m(n_new) for name in names}, warmup=0,
+                                         repeats=args.repeats)
+    tokens = {name: outs[-1] for name, outs in outputs.items()}
     reference = tokens[names[0]]
     match = {name: torch.equal(out, reference) for name, out in tokens.items()}
     tokens_match = all(match.values()) and reference.shape == (1, args.prompt_tokens + n_new)
@@ -161,9 +135,11 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> dict:
         runs = ", ".join(f"{t:.2f}" for t in seconds[name])
         print(f"| {name} | {speed[name]:.1f} | {statistics.median(seconds[name]):.2f} | {runs} | "
               f"{speed[name] / base:.2f}x | {'yes' if match[name] else 'NO'} |")
-    per_round = statistics.median(h / o for o, h in zip(seconds[names[1]], seconds[names[3]], strict=True))
+    per_round = median_ratio(seconds[names[3]], seconds[names[1]])
+    layout = median_ratio(seconds[names[2]], seconds[names[1]])
     print(f"\nours with KV cache / Hugging Face generate: {speed[names[1]] / speed[names[3]]:.2f}x (ratio of "
           f"the medians); {per_round:.2f}x (median of the per-run ratios)")
+    print(f"ours with KV cache, decoding layout / usual layout: {layout:.2f}x (median of the per-run ratios)")
     print(f"\nMachine: {machine_description()}  ")
     print(f"Command: `{command.strip()}`")
     print(f"\ngreedy tokens of all four identical: {tokens_match}")

@@ -1,6 +1,6 @@
 """One last-block epoch: every block at every step (ordinary) against the frozen prefix computed once.
 
-    python benchmarks/bench_last_block.py --data-path ../shared/data/sms_spam/SMSSpamCollection  # gpt2-small
+    python benchmarks/bench_last_block.py --data-path PATH/SMSSpamCollection  # gpt2-small, the real split
     python benchmarks/bench_last_block.py --smoke    # tiny shape, quick mode's messages (what CI runs)
 
 Last-block fine-tuning freezes the embeddings and every block but the last, without dropout, so their outputs
@@ -22,7 +22,7 @@ import statistics
 import sys
 
 import torch
-from bench_generate import machine_description  # benchmarks/ is on the path when run as a script
+from common import machine_description  # benchmarks/ is on the path when run as a script
 
 from llm_scratch.classifier import add_classification_head, train_classifier
 from llm_scratch.config import PRESETS, GPTConfig, pick_device

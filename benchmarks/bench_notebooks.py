@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     if missing:
         parser.error(f"no such notebook: {', '.join(missing)}")
     # Imported here, not at the top: the test imports this module without torch or the package.
-    from bench_generate import machine_description  # benchmarks/ is on the path when run as a script
+    from common import machine_description  # benchmarks/ is on the path when run as a script
 
     command = "python benchmarks/bench_notebooks.py " + shlex.join(sys.argv[1:] if argv is None else argv)
     seconds = {}

@@ -12,12 +12,10 @@ the per-round ratios, so a busy moment of the machine slows both sides of a rati
 from __future__ import annotations
 
 import argparse
-import statistics
 
 import torch
 from bench_finetune import (  # benchmarks/ is on the path when run as a script
     add_step_options,
-    alternating_times,
     build,
     matmul_gflops,
     parse_step_args,
@@ -25,7 +23,7 @@ from bench_finetune import (  # benchmarks/ is on the path when run as a script
     train_step,
     training_flops,
 )
-from bench_generate import machine_description
+from common import machine_description, median_ratio, medians, times_in_turn
 from torch.profiler import ProfilerActivity, profile
 
 from llm_scratch.config import GPTConfig
@@ -40,8 +38,8 @@ MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::ma
 def matmul_gflops_of(dtype: torch.dtype, n: int, repeats: int) -> float:
     """A plain (n x n) @ (n x n) matmul in `dtype`, GFLOP/s (median)."""
     a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    times = alternating_times({"mm": lambda: a @ b}, warmup=2, repeats=repeats)["mm"]
-    return 2 * n**3 / statistics.median(times) / 1e9
+    times, _ = times_in_turn({"mm": lambda: a @ b}, warmup=2, repeats=repeats)
+    return 2 * n**3 / medians(times)["mm"] / 1e9
 
 
 def step_profile(cfg: GPTConfig, args: argparse.Namespace) -> dict[str, float]:
@@ -67,19 +65,18 @@ def main(argv: list[str] | None = None) -> dict:
     steps = {f"{method} {precision}": train_step(build(f"ours {method}", cfg, args.rank, args.alpha),
                                                  precision=precision, fused=True)
              for method in ("lora", "full") for precision in ("fp32", "bf16")}
-    times = alternating_times({name: (lambda s=s: s(batch)) for name, s in steps.items()},
-                              args.warmup, args.repeats)
+    times, _ = times_in_turn({name: (lambda s=s: s(batch)) for name, s in steps.items()},
+                             args.warmup, args.repeats)
     del steps
-    ratios = {m: statistics.median(b / f for b, f in zip(times[f"{m} bf16"], times[f"{m} fp32"], strict=True))
-              for m in ("lora", "full")}
+    ratios = {m: median_ratio(times[f"{m} bf16"], times[f"{m} fp32"]) for m in ("lora", "full")}
     n = 256 if args.smoke else 2048
     matmul = {"fp32": matmul_gflops(n, args.repeats),
               "bf16": matmul_gflops_of(torch.bfloat16, n, args.repeats)}
-    full_step_s = statistics.median(times["full fp32"])
+    full_step_s = medians(times)["full fp32"]
     full_gflops = training_flops(cfg, args.batch_size, args.tokens) / full_step_s / 1e9
     seconds = step_profile(cfg, args)
     in_matmul = sum(t for op, t in seconds.items() if op in MATMUL_OPS)
-    results = {"step_times": times, "step_s": {k: statistics.median(v) for k, v in times.items()},
+    results = {"step_times": times, "step_s": medians(times),
                "ratios": ratios, "matmul_gflops": matmul, "full_step_gflops": full_gflops,
                "profile_s": seconds, "profile_matmul_share": in_matmul / sum(seconds.values())}
     print(report(results, args, command))

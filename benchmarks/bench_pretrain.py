@@ -14,15 +14,14 @@ from __future__ import annotations
 
 import argparse
 import shlex
-import statistics
 import sys
-import time
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from bench_finetune import matmul_gflops, training_flops  # benchmarks/ is on the path when run as a script
-from bench_generate import machine_description, same_weights_models
+from bench_generate import same_weights_models
+from common import machine_description, medians, times_in_turn
 
 from llm_scratch.config import PRESETS
 from llm_scratch.language_model import next_token_loss
@@ -59,19 +58,6 @@ def lm_training_flops(preset: str, batch_size: int, n_tokens: int) -> float:
     return training_flops(cfg, batch_size, n_tokens) + head
 
 
-def run_in_turn(steps: dict[str, Callable[[], float]], warmup: int, repeats: int):
-    """Each step's losses and seconds, the steps taking turns A, B, A, B, ...; seconds after `warmup`."""
-    losses: dict[str, list[float]] = {name: [] for name in steps}
-    seconds: dict[str, list[float]] = {name: [] for name in steps}
-    for round_ in range(warmup + repeats):
-        for name, step in steps.items():
-            start = time.perf_counter()
-            losses[name].append(step())
-            if round_ >= warmup:
-                seconds[name].append(time.perf_counter() - start)
-    return losses, seconds
-
-
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -94,8 +80,8 @@ def main(argv: list[str] | None = None) -> dict:
     ids = torch.randint(0, PRESETS[args.preset].vocab_size, (args.batch_size, args.tokens + 1))
     batch = (ids[:, :-1], ids[:, 1:])  # (batch, n_tokens) each: the targets are the inputs moved by one
     steps = {name: lm_train_step(model, batch) for name, model in models.items()}
-    losses, seconds = run_in_turn(steps, args.warmup, args.repeats)
-    step_s = {name: statistics.median(s) for name, s in seconds.items()}
+    seconds, losses = times_in_turn(steps, args.warmup, args.repeats)
+    step_s = medians(seconds)
     del models, steps, hf, ours
     matmul = matmul_gflops(256 if args.smoke else 2048, repeats=3 if args.smoke else 10)
     achieved = lm_training_flops(args.preset, args.batch_size, args.tokens) / step_s["ours"] / 1e9

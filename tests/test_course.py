@@ -19,9 +19,11 @@ from torch.utils.data import DataLoader
 from llm_scratch import GPTConfig, GPTModel, generate
 from llm_scratch.classifier import add_classification_head, train_classifier
 from llm_scratch.data import (
+    SMS_FILE_NAME,
     SpamDataset,
     balance,
     collate_spam,
+    default_sms_dir,
     load_sample,
     load_spam_splits,
     read_sms_spam,
@@ -33,7 +35,8 @@ from llm_scratch.lora import LoRAConfig
 from llm_scratch.tokenizer import get_tokenizer
 
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
-REAL_FILE = Path(__file__).resolve().parents[2] / "shared" / "data" / "sms_spam" / "SMSSpamCollection"
+# The whole collection where the package caches it once downloaded ($LLM_SCRATCH_DATA); skipped without it.
+REAL_FILE = default_sms_dir() / SMS_FILE_NAME
 
 
 def notebook_functions(name: str, *functions: str) -> SimpleNamespace:

@@ -24,7 +24,8 @@ from llm_scratch import config
 from llm_scratch.data import batching, sms_spam, text
 from llm_scratch.tokenizer import EOS_ID, get_tokenizer
 
-REAL_FILE = Path(__file__).resolve().parents[2] / "shared" / "data" / "sms_spam" / "SMSSpamCollection"
+# The whole collection where the package caches it once downloaded ($LLM_SCRATCH_DATA); skipped without it.
+REAL_FILE = sms_spam.default_sms_dir() / sms_spam.SMS_FILE_NAME
 needs_real_file = pytest.mark.skipif(not REAL_FILE.is_file(),
                                      reason=f"the real data set is not at {REAL_FILE}")
 

@@ -27,7 +27,7 @@ from llm_scratch.pretrain import QUICK_CONTEXT_LENGTH, PretrainSettings, build_m
 from llm_scratch.pretrained import load_gpt2
 from llm_scratch.run_record import read_record
 
-# The shipped story, as its provenance (../shared/data/pretraining/README.md) describes it.
+# The shipped story, as the note on its provenance describes it.
 VERDICT_SHA256 = "b41e41a68f0398a3154ae69e2e4c0e2694e17fe0d66730536837f1b01935b31f"
 VERDICT_CHARS, VERDICT_TOKENS = 20_479, 5_145
 

@@ -39,14 +39,14 @@ def test_tampered_vocabulary_file_is_refused(fresh_tokenizer, tmp_path, monkeypa
     vocab, encoder = tmp_path / "vocab.bpe", tmp_path / "encoder.json"
     vocab.write_text("#version: 0.2\nnot the real merges\n")
     encoder.write_text("{}")
-    monkeypatch.setattr(tok, "_bundled_vocab_files", lambda: (vocab, encoder))
+    monkeypatch.setattr(tok, "bundled_vocab_files", lambda: (vocab, encoder))
     with pytest.raises(RuntimeError, match="vocab.bpe is not GPT-2's vocabulary file"):
         get_tokenizer()
 
 
 def test_without_the_bundled_files_tiktoken_downloads(fresh_tokenizer, monkeypatch):
     calls = []
-    monkeypatch.setattr(tok, "_bundled_vocab_files", lambda: None)
+    monkeypatch.setattr(tok, "bundled_vocab_files", lambda: None)
     monkeypatch.setattr(tiktoken, "get_encoding", lambda name: calls.append(name) or "downloaded")
     assert get_tokenizer() == "downloaded"
     assert calls == ["gpt2"]
