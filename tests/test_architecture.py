@@ -17,6 +17,7 @@ LEVELS = {
     "model": 2, "checkpoint": 2, "plots": 2, "data": 2, "dora": 2,
     "generate": 3, "pretrained": 3, "lora": 3, "training": 3, "frozen_prefix": 3,
     "adapters": 4, "classifier": 4, "run_folder": 4, "loraplus": 4, "methods": 4, "language_model": 4,
+    "responses": 4,
     "finetune": 5, "peft_format": 5, "pretrain": 5,
     "cli": 6,
     "__main__": 7, "__init__": 7,

@@ -276,3 +276,16 @@ def test_decoding_layout_leaves_lora_projections_unfused_and_computes_the_same()
             assert all(block.att.fused_qkv is None for block in model.blocks)  # W_query is not a plain Linear
             laid_out = model(ids)
     assert (laid_out - usual).abs().max().item() < TOL
+
+
+def test_a_nested_decoding_layout_changes_nothing_and_the_outer_one_undoes_it():
+    from llm_scratch.generate import decoding_layout
+
+    model = tiny_model()
+    fc1 = model.blocks[0].ff.fc1
+    with decoding_layout(model):
+        with decoding_layout(model):
+            pass
+        assert not fc1.weight.is_contiguous() and model.blocks[0].att.fused_qkv is not None  # still laid out
+    assert all(param.is_contiguous() for param in model.parameters())
+    assert all(block.att.fused_qkv is None for block in model.blocks)
