@@ -38,8 +38,8 @@ class Response(NamedTuple):
     ended_with_eos: bool
 
 
-def response_ids(model: nn.Module, prompt_ids: list[int], max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
-                 ) -> tuple[list[int], bool]:
+def generate_response_ids(model: nn.Module, prompt_ids: list[int],
+                          max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS) -> tuple[list[int], bool]:
     """The token ids `model` writes after `prompt_ids`, greedily, without the end-of-text; and whether it
     chose end-of-text within `max_new_tokens` new tokens (counting the end-of-text)."""
     if max_new_tokens < 1:
@@ -60,9 +60,7 @@ def respond(model: nn.Module, instruction: str, input_text: str = "",
         raise ValueError("the instruction is empty; write what the model should do")
     tokenizer = tokenizer or get_tokenizer()
     prompt_ids = tokenizer.encode_ordinary(format_alpaca(instruction, input_text))
-    device = next(model.parameters()).device
-    with layout_for(model, device, max_new_tokens):
-        new_ids, _ = response_ids(model, prompt_ids, max_new_tokens)
+    new_ids, _ = generate_response_ids(model, prompt_ids, max_new_tokens)
     return tokenizer.decode(new_ids)
 
 
@@ -79,7 +77,7 @@ def generate_responses(model: nn.Module, entries: Sequence[InstructionEntry],
     with layout_for(model, device, max_new_tokens):
         for entry in tqdm(entries, desc="responses", disable=not progress):
             prompt_ids = tokenizer.encode_ordinary(format_alpaca(entry.instruction, entry.input))
-            new_ids, ended = response_ids(model, prompt_ids, max_new_tokens)
+            new_ids, ended = generate_response_ids(model, prompt_ids, max_new_tokens)
             responses.append(Response(entry.instruction, entry.input, entry.output, tokenizer.decode(new_ids),
                                       ended))
     return responses

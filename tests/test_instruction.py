@@ -29,7 +29,7 @@ from llm_scratch.data.instruction import (
 )
 from llm_scratch.language_model import count_tokens, evaluate, next_token_loss, train_language_model
 from llm_scratch.model import GPTModel
-from llm_scratch.responses import generate_responses, respond, response_ids
+from llm_scratch.responses import generate_response_ids, generate_responses, respond
 from llm_scratch.tokenizer import EOS_ID, get_tokenizer
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "instruction" / "instruction-data.json"
@@ -69,8 +69,8 @@ def test_the_prompt_layout_is_the_alpaca_one_of_the_reference_course():
 
 
 @pytest.mark.parametrize("content, message", [
-    ('{"instruction": "x"}', "must hold a non-empty JSON list"),
-    ("[]", "must hold a non-empty JSON list"),
+    ('{"instruction": "x"}', "must hold a non-empty JSON list of entries, got a JSON dict"),
+    ("[]", "must hold a non-empty JSON list of entries, got an empty list"),
     ('[{"instruction": "a", "input": "", "output": "b"}, "text"]', "entry 1 is a str"),
     ('[{"instruction": "a", "output": "b"}]', "entry 0 has no key 'input'"),
     ('[{"instruction": "a", "input": 3, "output": "b"}]', "entry 0, key 'input': expected a string, got int"),
@@ -249,7 +249,7 @@ def test_a_model_that_chooses_end_of_text_gives_an_empty_response_that_ended():
         model.final_norm.shift.zero_()
         model.final_norm.shift[0] = 1.0
         model.out_head.weight[EOS_ID, 0] = 100.0
-    assert response_ids(model, [1, 2, 3], max_new_tokens=1) == ([], True)
+    assert generate_response_ids(model, [1, 2, 3], max_new_tokens=1) == ([], True)
     (result,) = generate_responses(model, ENTRIES[:1], progress=False)
     assert result.response == "" and result.ended_with_eos
     with pytest.raises(ValueError, match="the instruction is empty"):

@@ -95,8 +95,8 @@ def load_instructions(data_path: str | Path | None = None) -> list[InstructionEn
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise ValueError(f"{name} is not UTF-8 JSON ({err})") from err
     if not isinstance(entries, list) or not entries:
-        raise ValueError(f"{name} must hold a non-empty JSON list of entries, got "
-                         f"{type(entries).__name__ if entries else 'an empty list'}")
+        found = "an empty list" if entries == [] else f"a JSON {type(entries).__name__}"
+        raise ValueError(f"{name} must hold a non-empty JSON list of entries, got {found}")
     return [_check_entry(raw, index, name) for index, raw in enumerate(entries)]
 
 
