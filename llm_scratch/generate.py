@@ -55,8 +55,7 @@ def generate(
     if seed is not None:
         generator = torch.Generator(device=idx.device).manual_seed(seed)
 
-    long_on_cpu = idx.device.type == "cpu" and max_new_tokens >= DECODING_LAYOUT_MIN_TOKENS
-    layout = decoding_layout(model) if cache is not None and long_on_cpu else contextlib.nullcontext()
+    layout = layout_for(model, idx.device, max_new_tokens) if cache is not None else contextlib.nullcontext()
     with eval_mode(model), torch.no_grad(), layout:  # no dropout while generating
         for _ in range(max_new_tokens):
             if cache is not None and idx.shape[1] <= context_size:
@@ -75,6 +74,17 @@ def generate(
     return idx
 
 
+def layout_for(model: nn.Module, device: torch.device,
+               max_new_tokens: int) -> contextlib.AbstractContextManager:
+    """`decoding_layout(model)` where a cached generation gains from it (on a CPU, at least
+    `DECODING_LAYOUT_MIN_TOKENS` new tokens), else a context that changes nothing. Entered once around many
+    short generations, it lays the weights out once for all of them (`generate` then leaves them as they are).
+    """
+    if device.type == "cpu" and max_new_tokens >= DECODING_LAYOUT_MIN_TOKENS:
+        return decoding_layout(model)
+    return contextlib.nullcontext()
+
+
 @contextlib.contextmanager
 def decoding_layout(model: nn.Module) -> Iterator[nn.Module]:
     """Inside the `with` block, every `nn.Linear` weight of `model` is stored transposed in memory, input by
@@ -86,11 +96,15 @@ def decoding_layout(model: nn.Module) -> Iterator[nn.Module]:
     product whose speed is how fast the weights stream from memory. On the CPUs measured, PyTorch reads the
     (in, out) layout about 15% faster, and one product is faster than three. Re-laying out gpt2-small's 124
     million weights takes about 0.25 s each way, which a generation of 50 tokens or more repays
-    (benchmarks/RESULTS.md).
+    (benchmarks/RESULTS.md). Nested in another `decoding_layout` of the same model, it changes nothing.
     """
+    if getattr(model, "_in_decoding_layout", False):  # inside an enclosing `with`: laid out already
+        yield model
+        return
     linears = [module for module in model.modules() if isinstance(module, nn.Linear)]
     fused = [module for module in model.modules() if isinstance(module, MultiHeadAttention)
              and all(type(linear) is nn.Linear for linear in (module.W_query, module.W_key, module.W_value))]
+    model._in_decoding_layout = True
     try:
         for attention in fused:
             projections = (attention.W_query, attention.W_key, attention.W_value)
@@ -105,6 +119,7 @@ def decoding_layout(model: nn.Module) -> Iterator[nn.Module]:
                 linear.weight.data = linear.weight.data.t().contiguous().t()
         yield model
     finally:
+        model._in_decoding_layout = False
         for attention in fused:
             attention.fused_qkv = None
         for linear in linears:

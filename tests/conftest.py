@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import socket
 from pathlib import Path
@@ -15,6 +16,22 @@ import torch
 # forking this process safe (tests/test_faults.py): no thread pool is running to be copied half-way.
 torch.set_num_threads(1)
 os.environ["OMP_NUM_THREADS"] = "1"
+
+
+@pytest.fixture
+def benchmark_script(monkeypatch: pytest.MonkeyPatch):
+    """`benchmark_script(name)`: the module benchmarks/NAME.py, loaded as when run as a script (the
+    benchmarks folder on the path, where the scripts find each other and `common`)."""
+    folder = Path(__file__).resolve().parents[1] / "benchmarks"
+    monkeypatch.syspath_prepend(str(folder))
+
+    def load(name: str):
+        spec = importlib.util.spec_from_file_location(name, folder / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+
+    return load
 
 
 @pytest.fixture

@@ -13,13 +13,14 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "llm_scratch"
 # Each module may import only modules of a lower level: data flows text -> tokens -> model -> training -> run.
 LEVELS = {
-    "config": 0, "files": 0, "tokenizer": 0, "precision": 0,
+    "config": 0, "files": 0, "tokenizer": 0, "precision": 0, "scores": 0, "judge": 0,
     "attention": 1, "run_folder": 1,
     "model": 2, "checkpoint": 2, "plots": 2, "data": 2, "dora": 2,
     "generate": 3, "pretrained": 3, "lora": 3, "optimizer": 3, "frozen_prefix": 3,
     "training": 4,
     "adapters": 4, "loraplus": 4, "methods": 4, "run_record": 4,
     "classifier": 5, "language_model": 5, "peft_format": 5,
+    "responses": 6,
     "finetune": 6, "pretrain": 6,
     "compare": 7, "export": 7,
     "cli": 8,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import statistics
 from pathlib import Path
@@ -12,14 +11,6 @@ import pytest
 from llm_scratch import PRESETS, get_tokenizer
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
-
-
-def load_script(name: str, monkeypatch):
-    monkeypatch.syspath_prepend(str(BENCHMARKS))  # as when run as a script: the scripts import each other
-    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def markdown_rows(text: str) -> dict[str, list[str]]:
@@ -32,8 +23,8 @@ def markdown_rows(text: str) -> dict[str, list[str]]:
     return rows
 
 
-def test_bench_finetune_smoke(capsys, monkeypatch):
-    bench = load_script("bench_finetune", monkeypatch)
+def test_bench_finetune_smoke(capsys, benchmark_script):
+    bench = benchmark_script("bench_finetune")
     results = bench.main(["--smoke"])  # tiny shape, batch 8 x 16 tokens, LoRA rank 16, fixed padding to 256
     batch_size, rank, fixed_pad = 8, 16, 256  # 256: the tiny preset's context, as long as any message gets
     rows = markdown_rows(capsys.readouterr().out)
@@ -96,8 +87,8 @@ def expected_trainable(preset: str, rank: int, n_classes: int = 2) -> dict[str, 
     return counts
 
 
-def test_bench_dora_smoke(capsys, monkeypatch):
-    bench = load_script("bench_dora", monkeypatch)
+def test_bench_dora_smoke(capsys, benchmark_script):
+    bench = benchmark_script("bench_dora")
     results = bench.main(["--smoke"])  # tiny shape, batch 8 x 16 tokens, rank 16, LoRA+ ratio 16
     rows = markdown_rows(capsys.readouterr().out)
     step, memory = results["step_s"], results["peak_mb"]
@@ -119,8 +110,8 @@ def test_bench_dora_smoke(capsys, monkeypatch):
     assert results["loraplus_lrs"] == pytest.approx([1e-5, 16e-5])  # A, B (1-D tensors too)
 
 
-def test_bench_pretrain_smoke(capsys, monkeypatch):
-    bench = load_script("bench_pretrain", monkeypatch)
+def test_bench_pretrain_smoke(capsys, benchmark_script):
+    bench = benchmark_script("bench_pretrain")
     results = bench.main(["--smoke"])  # tiny shape, batch 2 x 16 tokens, 1 warm-up step and 2 timed ones
     rows = markdown_rows(capsys.readouterr().out)
     step, tokens = results["step_s"], results["tokens_per_step"]
@@ -149,8 +140,8 @@ def test_bench_pretrain_smoke(capsys, monkeypatch):
         assert rows[str(i)] == [f"{a:.5f}", f"{b:.5f}"]
 
 
-def test_bench_last_block_smoke(capsys, monkeypatch):
-    bench = load_script("bench_last_block", monkeypatch)
+def test_bench_last_block_smoke(capsys, benchmark_script):
+    bench = benchmark_script("bench_last_block")
     results = bench.main(["--smoke"])  # tiny shape, quick data, batch 8, checks every 5 steps, one round
     rows = markdown_rows(capsys.readouterr().out)
     ordinary, cached = (results["epoch_s"][name] for name in bench.PATHS)
@@ -177,8 +168,8 @@ def test_bench_last_block_smoke(capsys, monkeypatch):
     assert rows["largest step-loss difference (44 steps)"] == [f"{results['loss_difference']:.1e}"]
 
 
-def test_bench_full_mode_times_every_method_per_position(monkeypatch):
-    bench = load_script("bench_full_mode", monkeypatch)
+def test_bench_full_mode_times_every_method_per_position(benchmark_script):
+    bench = benchmark_script("bench_full_mode")
     base = bench.add_classification_head(bench.GPTModel(bench.GPTConfig.from_preset("tiny")))
     models = {}
     for method in bench.METHODS:
@@ -194,14 +185,14 @@ def test_bench_full_mode_times_every_method_per_position(monkeypatch):
     assert moved  # the timed steps really trained
 
 
-def test_bench_precision_smoke(capsys, monkeypatch):
+def test_bench_precision_smoke(capsys, benchmark_script):
     import torch
 
     from llm_scratch.precision import device_supports
 
     if not device_supports("bf16", torch.device("cpu")):
         pytest.skip("this CPU has no bfloat16 arithmetic")
-    bench = load_script("bench_precision", monkeypatch)
+    bench = benchmark_script("bench_precision")
     results = bench.main(["--smoke"])  # tiny shape, batch 8 x 16 tokens, 2 timed rounds
     rows = markdown_rows(capsys.readouterr().out)
     times = results["step_times"]

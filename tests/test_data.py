@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader
 
 import llm_scratch.data
 from llm_scratch import config
-from llm_scratch.data import batching, sms_spam, text
+from llm_scratch.data import batching, instruction, sms_spam, text
 from llm_scratch.tokenizer import EOS_ID, get_tokenizer
 
 # The whole collection where the package caches it once downloaded ($LLM_SCRATCH_DATA); skipped without it.
@@ -182,8 +182,9 @@ def test_the_package_re_exports_both_modules():
     exported = llm_scratch.data.__all__
     for name in exported:  # each name is the very object of one of the data modules
         assert any(getattr(module, name, None) is getattr(llm_scratch.data, name)
-                   for module in (sms_spam, batching, text)), name
-    for module in (sms_spam, batching, text):  # every public function and class of each module is exported
+                   for module in (sms_spam, batching, text, instruction)), name
+    # Every public function and class of each module is exported.
+    for module in (sms_spam, batching, text, instruction):
         defined = [name for name, value in vars(module).items() if not name.startswith("_")
                    and callable(value) and getattr(value, "__module__", None) == module.__name__]
         assert defined and set(defined) <= set(exported), set(defined) - set(exported)

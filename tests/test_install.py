@@ -28,7 +28,7 @@ def test_the_extras_the_readme_names_exist_and_match_makes_install():
     extras = PROJECT["optional-dependencies"]
     assert {"notebooks", "test"} <= set(extras)
     assert "jupyter" in names(extras["notebooks"])
-    assert {"pytest", "nbclient", "transformers", "peft"} <= names(extras["test"])
+    assert {"pytest", "nbclient", "transformers", "peft", "rouge-score"} <= names(extras["test"])
     # `make` installs requirements.txt: the runtime packages plus Jupyter, as `pip install -e ".[notebooks]"`.
     make_installs = names((ROOT / "requirements.txt").read_text().splitlines())
     assert make_installs == names(PROJECT["dependencies"]) | names(extras["notebooks"])
@@ -57,6 +57,7 @@ def test_the_project_builds_a_wheel_with_quick_modes_data_and_its_credit(tmp_pat
     metadata = next(content for name, content in text.items() if name.endswith("/METADATA"))
     entry_points = next(content for name, content in text.items() if name.endswith("/entry_points.txt"))
     assert {"llm_scratch/data/sms_spam_sample.tsv", "llm_scratch/data/sms_spam_sample_NOTICE.txt",
-            "llm_scratch/cli.py"} <= files
+            "llm_scratch/data/instruction-data.json", "llm_scratch/data/instruction-data_NOTICE.txt",
+            "llm_scratch/data/instruction-data_LICENSE-Apache-2.0.txt", "llm_scratch/cli.py"} <= files
     assert "Provides-Extra: notebooks" in metadata and "Provides-Extra: test" in metadata
     assert "llm-scratch = llm_scratch.cli:main" in entry_points

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-from pathlib import Path
 
 import pytest
 import torch
@@ -14,7 +13,6 @@ from llm_scratch import GPTConfig, GPTModel, generate
 from llm_scratch.attention import KVCache, MultiHeadAttention
 
 TOL = 1e-5  # float32: the same sums, taken in a different grouping
-BENCHMARK = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_generate.py"
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -189,10 +187,8 @@ def test_cache_adds_no_parameters_or_saved_state():
     assert not list(model.buffers())
 
 
-def test_benchmark_smoke_run_reports_matching_tokens(capsys):
-    spec = importlib.util.spec_from_file_location("bench_generate", BENCHMARK)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+def test_benchmark_smoke_run_reports_matching_tokens(capsys, benchmark_script):
+    bench = benchmark_script("bench_generate")
     result = bench.main(["--smoke", "--threads", "1"])
     assert torch.get_num_threads() == 1  # restored to what it was (the fixture's 1)
     printed = capsys.readouterr().out
@@ -276,3 +272,16 @@ def test_decoding_layout_leaves_lora_projections_unfused_and_computes_the_same()
             assert all(block.att.fused_qkv is None for block in model.blocks)  # W_query is not a plain Linear
             laid_out = model(ids)
     assert (laid_out - usual).abs().max().item() < TOL
+
+
+def test_a_nested_decoding_layout_changes_nothing_and_the_outer_one_undoes_it():
+    from llm_scratch.generate import decoding_layout
+
+    model = tiny_model()
+    fc1 = model.blocks[0].ff.fc1
+    with decoding_layout(model):
+        with decoding_layout(model):
+            pass
+        assert not fc1.weight.is_contiguous() and model.blocks[0].att.fused_qkv is not None  # still laid out
+    assert all(param.is_contiguous() for param in model.parameters())
+    assert all(block.att.fused_qkv is None for block in model.blocks)

@@ -1,7 +1,8 @@
 """The data the notebooks train on: the SMS Spam Collection (`sms_spam`: parse, download into the cache,
 balance, split) and its batching (`batching`: Dataset, collate, length-bucketed sampler, DataLoaders); the
-pretraining text and its next-token windows (`text`). Quick mode's subset of the real collection and the
-pretraining story ship here as package data. Import from any of the modules or from `llm_scratch.data`.
+pretraining text and its next-token windows (`text`); the instruction data, its prompt layout, split and
+batches (`instruction`). Quick mode's subset of the real collection, the pretraining story and the
+instruction data ship here as package data. Import from any of the modules or from `llm_scratch.data`.
 """
 
 from llm_scratch.data.batching import (
@@ -11,6 +12,28 @@ from llm_scratch.data.batching import (
     SpamLoaders,
     collate_spam,
     spam_dataloaders,
+    training_loader,
+)
+from llm_scratch.data.instruction import (
+    IGNORE_INDEX,
+    INSTRUCTION_RESOURCE,
+    PREAMBLE,
+    QUICK_SIZES,
+    SPLIT_PERCENTS,
+    SPLIT_SEED,
+    InstructionBatch,
+    InstructionDataset,
+    InstructionEntry,
+    InstructionExample,
+    InstructionLoaders,
+    InstructionSplits,
+    collate_instructions,
+    format_alpaca,
+    instruction_dataloaders,
+    load_instruction_splits,
+    load_instructions,
+    quick_subset,
+    split_instructions,
 )
 from llm_scratch.data.sms_spam import (
     DEFAULT_URLS,
@@ -81,6 +104,7 @@ __all__ = [
     "SpamLoaders",
     "collate_spam",
     "spam_dataloaders",
+    "training_loader",
     # text: the pretraining text and its windows
     "TEXT_RESOURCE",
     "TRAIN_FRACTION",
@@ -89,4 +113,24 @@ __all__ = [
     "load_text",
     "split_tokens",
     "text_dataloaders",
+    # instruction: the instruction data, its prompt layout, split and batches
+    "IGNORE_INDEX",
+    "INSTRUCTION_RESOURCE",
+    "PREAMBLE",
+    "QUICK_SIZES",
+    "SPLIT_PERCENTS",
+    "SPLIT_SEED",
+    "InstructionBatch",
+    "InstructionDataset",
+    "InstructionEntry",
+    "InstructionExample",
+    "InstructionLoaders",
+    "InstructionSplits",
+    "collate_instructions",
+    "format_alpaca",
+    "instruction_dataloaders",
+    "load_instruction_splits",
+    "load_instructions",
+    "quick_subset",
+    "split_instructions",
 ]

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import NamedTuple
 
 import torch
@@ -118,6 +118,17 @@ class LengthBucketSampler(Sampler[list[int]]):
             yield batches[position]
 
 
+def training_loader(dataset: Dataset, batch_size: int, collate_fn: Callable, bucket: bool = False,
+                    seed: int = 123) -> DataLoader:
+    """The training DataLoader: shuffled by its own generator seeded with `seed`, or with `bucket` batches of
+    similar lengths (`LengthBucketSampler` over `dataset.lengths`). The same seed gives the same batches."""
+    if bucket:
+        return DataLoader(dataset, batch_sampler=LengthBucketSampler(dataset.lengths, batch_size, seed),
+                          collate_fn=collate_fn)
+    generator = torch.Generator().manual_seed(seed)
+    return DataLoader(dataset, batch_size, shuffle=True, generator=generator, collate_fn=collate_fn)
+
+
 class SpamLoaders(NamedTuple):
     """DataLoaders of the three splits; `max_length` is the training set's, shared by all three."""
 
@@ -141,14 +152,8 @@ def spam_dataloaders(splits: SpamSplits, *, batch_size: int = 8, context_length:
     validation = SpamDataset(splits.validation, tokenizer, train.max_length, context_length)
     test = SpamDataset(splits.test, tokenizer, train.max_length, context_length)
     collate = functools.partial(collate_spam, pad_to=pad_to)
-    if bucket:
-        train_loader = DataLoader(train, batch_sampler=LengthBucketSampler(train.lengths, batch_size, seed),
-                                  collate_fn=collate)
-    else:
-        generator = torch.Generator().manual_seed(seed)
-        train_loader = DataLoader(train, batch_size, shuffle=True, generator=generator, collate_fn=collate)
     return SpamLoaders(
-        train=train_loader,
+        train=training_loader(train, batch_size, collate, bucket, seed),
         validation=DataLoader(validation, batch_size, collate_fn=collate),
         test=DataLoader(test, batch_size, collate_fn=collate),
         max_length=train.max_length,
