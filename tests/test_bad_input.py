@@ -26,11 +26,12 @@ from llm_scratch.classifier import add_classification_head, train_classifier
 from llm_scratch.cli import build_parser, main
 from llm_scratch.config import GPTConfig
 from llm_scratch.data import load_spam_splits, spam_dataloaders
-from llm_scratch.finetune import classify_with_run, load_run, write_quick_base_model
+from llm_scratch.finetune import classify_with_run, load_run
 from llm_scratch.model import GPTModel
 from llm_scratch.pretrained import load_gpt2
 from llm_scratch.run_folder import fingerprint
 from llm_scratch.run_record import record_path
+from llm_scratch.run_settings import write_quick_base_model
 from llm_scratch.training import train
 
 
