@@ -1,7 +1,7 @@
-"""`python -m llm_scratch finetune | classify | pretrain | export`: options -> the settings dataclasses.
+"""`python -m llm_scratch finetune | classify | pretrain | instruct | respond | export`: options -> settings.
 
-The work is done in `llm_scratch.finetune`, `.pretrain` and `.export`; an option left out keeps its dataclass
-default.
+The work is done in `llm_scratch.finetune`, `.pretrain`, `.instruct` and `.export`; an option left out keeps
+its dataclass default.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from llm_scratch.compare import compare
 from llm_scratch.export import export_run
 from llm_scratch.files import explain_error
 from llm_scratch.finetune import METHODS, FinetuneSettings, classify_with_run, finetune
+from llm_scratch.instruct import InstructSettings, instruct, respond_with_run
 from llm_scratch.precision import PRECISIONS
 from llm_scratch.pretrain import PretrainSettings, pretrain
 
@@ -39,6 +40,22 @@ FINETUNE = {
     "--data-path": (Path, "a local SMSSpamCollection file or the UCI zip (no download)"),
     "--weights-path": (Path, "a local GPT-2 model.safetensors file (no download)"),
     "--random-init": (None, "random weights instead of pretrained GPT-2"), "--compare": (None, "all methods"),
+    "--eval-every": (int, "steps between validation-loss checks (default {d.eval_every})"),
+}
+INSTRUCT = {
+    "--method": (InstructSettings.METHODS, "default {d.method}"),
+    "--model-name": (str, "gpt2-medium (the default), gpt2-small, gpt2-large or gpt2-xl"),
+    "--out": (Path, "run folder, written when complete (default runs/METHOD)"),
+    "--rank": (int, "LoRA rank (default {d.DEFAULT_LORA.rank})"),
+    "--alpha": (float, "LoRA alpha; updates scale by alpha / rank (default {d.DEFAULT_LORA.alpha:g})"),
+    "--loraplus-lr-ratio": (float, "LoRA+: B's learning rate over A's, e.g. 16 (lora, dora; default none)"),
+    "--mask-prompt": (None, "the loss on the response's tokens only, not the prompt's"),
+    "--max-new-tokens": (int, "the longest response to the test split (default {d.max_new_tokens})"),
+    "--judge-url": (str, "an Ollama server (e.g. http://localhost:11434) that scores each response 0-100"),
+    "--judge-model": (str, "the judge's model at --judge-url (default {d.judge_model})"),
+    "--data-path": (Path, "a JSON file of instruction, input, output entries (default: the shipped data)"),
+    "--weights-path": (Path, "a local GPT-2 model.safetensors file (no download)"),
+    "--random-init": (None, "random weights instead of pretrained GPT-2"),
     "--eval-every": (int, "steps between validation-loss checks (default {d.eval_every})"),
 }
 PRETRAIN = {
@@ -67,6 +84,11 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     add_command(commands, "finetune", "fine-tune GPT-2 as a spam classifier", FINETUNE, FinetuneSettings())
     add_command(commands, "pretrain", "pretrain a GPT from scratch on a text", PRETRAIN, PretrainSettings())
+    add_command(commands, "instruct", "fine-tune GPT-2 to follow instructions", INSTRUCT, InstructSettings())
+    answer = commands.add_parser("respond", help="answer an instruction with a saved instruct run")
+    answer.add_argument("--run", type=Path, required=True, help="the folder an instruct run wrote")
+    answer.add_argument("--input", default="", help="the text the instruction is about, if any")
+    answer.add_argument("instruction", help="what the model should do, in quotes")
     cls = commands.add_parser("classify", help="classify texts with a saved fine-tuning run",
                               usage="%(prog)s [-h] --run RUN [--] texts [texts ...]")  # -- : see texts
     cls.add_argument("--run", type=Path, required=True, help="the folder a finetune run wrote")
@@ -89,6 +111,10 @@ def main(argv: list[str] | None = None) -> int:
             sys.stdout.flush()  # here, so that a closed pipe (`| head -1`) is caught below
         elif args.command == "pretrain":
             pretrain(PretrainSettings(**options))
+        elif args.command == "instruct":
+            instruct(InstructSettings.from_options(**options))
+        elif args.command == "respond":
+            print(respond_with_run(args.run, args.instruction, args.input))
         elif args.command == "export":
             export_run(args.run, args.out, args.overwrite)
         elif getattr(args, "compare", False):  # the command line goes under the comparison table

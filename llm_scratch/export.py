@@ -4,6 +4,8 @@
   in `modules_to_save`), beside a config.json with the labels and the padding token, which
   `GPT2ForSequenceClassification.from_pretrained(base, config=OUT)` reads with the base weights.
 - A full or last-block fine-tuning run: a whole `GPT2ForSequenceClassification` folder.
+- An instruction-tuning run: a PEFT adapter for `GPT2LMHeadModel` (LoRA, DoRA), or a whole `GPT2LMHeadModel`
+  folder (full).
 - A pretraining run: its model folder as it is (`GPT2LMHeadModel` reads it).
 
 A run whose base is not GPT-2 from the Hub (quick mode's tiny model, a weights file, a random init) gets its
@@ -19,6 +21,7 @@ from pathlib import Path
 from llm_scratch.config import pick_device
 from llm_scratch.files import save_safetensors
 from llm_scratch.finetune import load_run
+from llm_scratch.instruct import load_instruct_run
 from llm_scratch.lora import LinearWithLoRA
 from llm_scratch.methods import LORA_METHODS
 from llm_scratch.model import GPTModel
@@ -46,7 +49,8 @@ def export_run(run_dir: str | Path, out: str | Path, overwrite: bool = False) ->
     `out`. Its files are checked against the run's record first; `out` is replaced only when complete."""
     run_dir = Path(run_dir)
     record = read_record(run_dir, command=None)
-    writers = {"finetune": _export_classifier, "pretrain": _export_pretraining}
+    writers = {"finetune": _export_classifier, "instruct": _export_language_model,
+               "pretrain": _export_pretraining}
     if record.command not in writers:
         raise ValueError(f"{run_dir} holds a {record.command} run, which export does not know; it exports "
                          f"{', '.join(writers)} runs")
@@ -64,6 +68,25 @@ def _export_pretraining(run_dir: Path, record: RunRecord, folder: Path) -> None:
         shutil.copyfile(checked_file(run_dir, record, name, "the pretrained model"), folder / name)
 
 
+def _export_language_model(run_dir: Path, record: RunRecord, folder: Path) -> None:
+    """An instruction-tuned GPT: a PEFT adapter (lora, dora) with its base, or a whole model (full)."""
+    model, record = load_instruct_run(run_dir, device="cpu")
+    if record.method in LORA_METHODS:
+        _save_adapter(model, record, run_dir, folder)
+    else:
+        save_gpt2_safetensors(model, folder / HF_WEIGHTS_FILE, hf_config=True)
+
+
+def _save_adapter(model: GPTModel, record: RunRecord, run_dir: Path, folder: Path) -> None:
+    """The run's adapter in PEFT's format; and its base, in `base/`, if the base is not GPT-2 on the Hub."""
+    hub = record.base.kind == "hub"
+    save_peft_adapter(model, folder, record.lora_config,
+                      base_model_name_or_path=HF_REPOS[record.model_name] if hub else BASE_FOLDER)
+    if not hub:  # the base the adapter needs, as a Hugging Face GPT-2
+        base = load_base(record.base, run_dir, pick_device("cpu"), command=record.command, verify=False)
+        save_gpt2_safetensors(base, folder / BASE_FOLDER / HF_WEIGHTS_FILE, hf_config=True)
+
+
 def _export_classifier(run_dir: Path, record: RunRecord, folder: Path) -> None:
     """A fine-tuned classifier: a PEFT adapter (lora, dora) or a whole model (full, last-block)."""
     model, record = load_run(run_dir, device="cpu")
@@ -72,12 +95,7 @@ def _export_classifier(run_dir: Path, record: RunRecord, folder: Path) -> None:
                          "not, so no export can be exact; run finetune again (new runs train a head without)")
     config = classifier_config(model, record.labels)
     if record.method in LORA_METHODS:
-        hub = record.base.kind == "hub"
-        save_peft_adapter(model, folder, record.lora_config,
-                          base_model_name_or_path=HF_REPOS[record.model_name] if hub else BASE_FOLDER)
-        if not hub:  # the base the adapter needs, as a Hugging Face GPT-2
-            base = load_base(record.base, run_dir, pick_device("cpu"), command=record.command, verify=False)
-            save_gpt2_safetensors(base, folder / BASE_FOLDER / HF_WEIGHTS_FILE, hf_config=True)
+        _save_adapter(model, record, run_dir, folder)
     else:
         if any(isinstance(module, LinearWithLoRA) for module in model.modules()):
             raise ValueError(f"{run_dir}: a {record.method} run with LoRA layers; run finetune again")

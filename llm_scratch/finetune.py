@@ -13,7 +13,6 @@ from typing import ClassVar
 import matplotlib.pyplot as plt
 import torch
 
-from llm_scratch.adapters import load_lora, save_lora
 from llm_scratch.classifier import (
     add_classification_head,
     classify,
@@ -24,14 +23,12 @@ from llm_scratch.classifier import (
 )
 from llm_scratch.config import pick_device
 from llm_scratch.data import LABELS, load_spam_splits, spam_dataloaders
-from llm_scratch.files import read_safetensors, require_finite, save_safetensors
 from llm_scratch.frozen_prefix import skip_frozen_prefix
 from llm_scratch.lora import LoRAConfig, parameter_summary
 from llm_scratch.loraplus import loraplus_param_groups
 from llm_scratch.methods import (
     CLASSIFIER_LORA,
     LEARNING_RATES,
-    LORA_METHODS,
     METHODS,
     QUICK_LEARNING_RATES,
     prepare_for_method,
@@ -42,12 +39,9 @@ from llm_scratch.precision import autocast, check_precision
 from llm_scratch.run_folder import fingerprint
 from llm_scratch.run_record import (
     ACCURACY_FIGURE,
-    ADAPTER_FILE,
     LOSS_FIGURE,
     METRICS_FILE,
-    TRAINED_FILE,
     RunRecord,
-    checked_file,
     load_base,
     read_record,
     record_path,
@@ -55,8 +49,7 @@ from llm_scratch.run_record import (
     write_record,
     writing_run_folder,
 )
-from llm_scratch.run_settings import RunSettings, base_model
-from llm_scratch.training import NON_FINITE_CAUSES
+from llm_scratch.run_settings import RunSettings, base_model, load_trained, save_trained
 
 COMMAND = "finetune"
 EPOCHS, QUICK_EPOCHS = 5, 8
@@ -123,7 +116,7 @@ def _train_into(folder: Path, settings: FinetuneSettings) -> dict:
                                epochs=settings.epochs, lr=settings.lr, eval_every=settings.eval_every,
                                seed=settings.seed, device=device, progress=settings.progress,
                                param_groups=groups, precision=settings.precision)
-    saved = _save_trained(model, settings, folder)
+    saved = save_trained(model, settings, folder)
     data = "SMS Spam Collection" + (" subset" if settings.quick and settings.data_path is None else "")
     record = RunRecord(command=COMMAND, method=settings.method, model_name=settings.model_name,
                        quick=settings.quick, data=data, base=base, settings=settings.recorded(),
@@ -157,18 +150,6 @@ def _accuracies(model: torch.nn.Module, loaders, settings: FinetuneSettings) -> 
     return accuracies
 
 
-def _save_trained(model: GPTModel, settings: FinetuneSettings, folder: Path) -> Path:
-    """Write the tensors training changed into `folder`: the adapter (lora, dora), else every one (full)
-    or the last block, final norm and head (last-block). A NaN or an infinity in them is refused."""
-    trained = {name: p.detach().cpu().contiguous() for name, p in model.named_parameters() if p.requires_grad}
-    for name, tensor in trained.items():
-        require_finite(tensor, name, "the trained model", advice=f"nothing was saved. {NON_FINITE_CAUSES}")
-    if settings.method in LORA_METHODS:
-        return save_lora(model, folder / ADAPTER_FILE, settings.lora_config, model_name=settings.model_name)
-    return save_safetensors(trained, folder / TRAINED_FILE,
-                            metadata={"method": settings.method, "model_name": settings.model_name})
-
-
 def load_run(run_dir: Path, device: str | None = None) -> tuple[GPTModel, RunRecord]:
     """The fine-tuned classifier saved in `run_dir` by `finetune`, in eval mode, and its record.
 
@@ -182,29 +163,8 @@ def load_run(run_dir: Path, device: str | None = None) -> tuple[GPTModel, RunRec
                          f"{COMMAND} again")
     model = load_base(record.base, run_dir, pick_device(device), command=COMMAND)
     add_classification_head(model, num_classes=len(record.labels))
-    if record.method in LORA_METHODS:
-        load_lora(model, checked_file(run_dir, record, ADAPTER_FILE, "the trained tensors"),
-                  model_name=record.model_name)
-    else:  # exactly the tensors the method trains: all of them, or the last block, final norm and head
-        path = checked_file(run_dir, record, TRAINED_FILE, "the trained tensors")
-        load_trained_weights(model, path, prepare_for_method(model, record.method))
+    load_trained(model, record, run_dir)
     return model.eval(), record
-
-
-def load_trained_weights(model: GPTModel, path: str | Path, names: list[str]) -> None:
-    """Load the trained tensors of a full or last-block run strictly: exactly the parameters `names`, each
-    with its shape, none NaN or infinite; the model's other tensors stay those of its base."""
-    expected = {name: tuple(p.shape) for name, p in model.named_parameters() if name in set(names)}
-    trained = read_safetensors(path, device=model.tok_emb.weight.device)  # refuses NaN and infinity
-    found = {name: tuple(tensor.shape) for name, tensor in trained.items()}
-    if found != expected:
-        missing = sorted(set(expected) - set(found))
-        unexpected = sorted(set(found) - set(expected))
-        reshaped = sorted(k for k in set(found) & set(expected) if found[k] != expected[k])
-        raise ValueError(f"{path} does not hold exactly the tensors the run trained: missing {missing[:3]}, "
-                         f"unexpected {unexpected[:3]}, wrong shape {reshaped[:3]}; the file is damaged or "
-                         f"from another run: run {COMMAND} again")
-    model.load_state_dict(trained, strict=False)  # not strict: the other tensors are the base model's
 
 
 def classify_with_run(run_dir: Path, texts: list[str], device: str | None = None) -> list[tuple[str, float]]:

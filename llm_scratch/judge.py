@@ -104,6 +104,17 @@ def _reply_content(raw: bytes, endpoint: str) -> str:
     return content
 
 
+def check_judge(model: str = DEFAULT_MODEL, url: str = DEFAULT_URL,
+                timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
+    """Raise the judge's one-line error now, before a long training, if no judge answers at `url` with a
+    score (the server is down, `model` is not pulled, or it does not answer with an integer)."""
+    reply = ollama_chat("Reply with the number 100 and nothing else.", model, url, timeout_s=timeout_s)
+    try:
+        parse_score(reply)
+    except ValueError as err:
+        raise RuntimeError(f"the judge {model} at {url} does not answer with a score: {err}") from None
+
+
 def judge_responses(responses: Sequence[Judged], model: str = DEFAULT_MODEL, url: str = DEFAULT_URL,
                     seed: int = 123, timeout_s: float = DEFAULT_TIMEOUT_S,
                     progress: bool = True) -> list[int]:

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from llm_scratch.config import GPTConfig
-from llm_scratch.files import atomic_path
+from llm_scratch.files import atomic_path, read_safetensors
 from llm_scratch.lora import LoRAConfig
 from llm_scratch.model import GPTModel
 from llm_scratch.pretrained import HF_CONFIG_FILE, HF_WEIGHTS_FILE, download_gpt2, load_gpt2
@@ -31,15 +31,18 @@ RECORD_FORMAT, RECORD_VERSION = "llm-scratch-run", 3  # 3: the RunRecord; 2 and 
 METRICS_FILE = "metrics.json"  # what the run measured
 LOSS_FIGURE, ACCURACY_FIGURE = "loss.png", "accuracy.png"
 ADAPTER_FILE = "adapter.safetensors"  # a LoRA or DoRA run's trained tensors (A, B, magnitudes, the head)
-TRAINED_FILE = "weights.safetensors"  # a full or last-block fine-tuning run's trained tensors
+TRAINED_FILE = "weights.safetensors"  # the trained tensors of a run without LoRA (full, last-block)
 QUICK_BASE_FILE = "base_tiny.safetensors"  # quick mode's base model (tiny, random weights)
 SAMPLES_FILE = "samples.txt"  # pretraining: a greedy continuation after every epoch
+RESPONSES_FILE = "responses.json"  # instruction tuning: the test split's responses beside the references
 # Every file each command may write: a folder holding any other is not a run folder of that command.
 COMMAND_FILES: dict[str, frozenset[str]] = {
     "finetune": frozenset({RUN_FILE, METRICS_FILE, LOSS_FIGURE, ACCURACY_FIGURE, ADAPTER_FILE, TRAINED_FILE,
                            QUICK_BASE_FILE}),
     "pretrain": frozenset({RUN_FILE, METRICS_FILE, LOSS_FIGURE, SAMPLES_FILE, HF_WEIGHTS_FILE,
                            HF_CONFIG_FILE}),
+    "instruct": frozenset({RUN_FILE, METRICS_FILE, LOSS_FIGURE, ADAPTER_FILE, TRAINED_FILE, QUICK_BASE_FILE,
+                           RESPONSES_FILE}),
 }
 BASE_KINDS = ("hub", "file", "random")  # where a run's starting weights came from
 
@@ -279,3 +282,18 @@ def load_base(base: BaseModel, run_dir: Path, device: torch.device, *, command: 
                           command)
     return load_gpt2(base.model_name, weights_path=path, device=device)
 
+
+def load_trained_weights(model: GPTModel, path: str | Path, names: list[str]) -> None:
+    """Load the trained tensors of a full or last-block run strictly: exactly the parameters `names`, each
+    with its shape, none NaN or infinite; the model's other tensors stay those of its base."""
+    expected = {name: tuple(p.shape) for name, p in model.named_parameters() if name in set(names)}
+    trained = read_safetensors(path, device=model.tok_emb.weight.device)  # refuses NaN and infinity
+    found = {name: tuple(tensor.shape) for name, tensor in trained.items()}
+    if found != expected:
+        missing = sorted(set(expected) - set(found))
+        unexpected = sorted(set(found) - set(expected))
+        reshaped = sorted(k for k in set(found) & set(expected) if found[k] != expected[k])
+        raise ValueError(f"{path} does not hold exactly the tensors the run trained: missing {missing[:3]}, "
+                         f"unexpected {unexpected[:3]}, wrong shape {reshaped[:3]}; the file is damaged or "
+                         f"from another run: train it again")
+    model.load_state_dict(trained, strict=False)  # not strict: the other tensors are the base model's

@@ -1,5 +1,6 @@
 """What the settings of every fine-tuning command share (`finetune`, `instruct`): the fields, their checks,
-the defaults decided once (`resolved()`, what run.json records), and the base model a run starts from.
+the defaults decided once (`resolved()`, what run.json records), the base model a run starts from, and the
+trained tensors it saves and loads.
 
 Each command subclasses `RunSettings`, naming its defaults in class attributes and adding its own fields.
 """
@@ -15,14 +16,25 @@ from typing import ClassVar
 
 import torch
 
+from llm_scratch.adapters import load_lora, save_lora
 from llm_scratch.config import PRESETS, QUICK_PRESET, pick_device, quick_mode
+from llm_scratch.files import require_finite, save_safetensors
 from llm_scratch.lora import LoRAConfig
-from llm_scratch.methods import LORA_METHODS, method_lora_config
+from llm_scratch.methods import LORA_METHODS, method_lora_config, prepare_for_method
 from llm_scratch.model import GPTModel
 from llm_scratch.precision import check_precision
 from llm_scratch.pretrained import download_gpt2, save_gpt2_safetensors
 from llm_scratch.run_folder import fingerprint
-from llm_scratch.run_record import QUICK_BASE_FILE, BaseModel
+from llm_scratch.run_record import (
+    ADAPTER_FILE,
+    QUICK_BASE_FILE,
+    TRAINED_FILE,
+    BaseModel,
+    RunRecord,
+    checked_file,
+    load_trained_weights,
+)
+from llm_scratch.training import NON_FINITE_CAUSES
 
 MAX_SEED = 2**64 - 1  # the largest seed torch.manual_seed takes
 DEVICE_NAME = re.compile(r"cpu|mps|cuda(:\d+)?")
@@ -167,3 +179,27 @@ def base_model(settings: RunSettings, folder: Path) -> BaseModel:
             raise FileNotFoundError(f"no weights file at {path} (--weights-path); check the path")
         return BaseModel("file", name, "pretrained", path=str(path), **fingerprint(path))
     return BaseModel("hub", name, "pretrained", **fingerprint(download_gpt2(name)))
+
+
+def save_trained(model: GPTModel, settings: RunSettings, folder: Path) -> Path:
+    """Write the tensors training changed into `folder`: the adapter (LoRA methods), else every trained
+    parameter (all of them for full; the last block, final norm and head for last-block). A NaN or an
+    infinity in them is refused, and nothing is saved."""
+    trained = {name: p.detach().cpu().contiguous() for name, p in model.named_parameters() if p.requires_grad}
+    for name, tensor in trained.items():
+        require_finite(tensor, name, "the trained model", advice=f"nothing was saved. {NON_FINITE_CAUSES}")
+    if settings.method in LORA_METHODS:
+        return save_lora(model, folder / ADAPTER_FILE, settings.lora_config, model_name=settings.model_name)
+    return save_safetensors(trained, folder / TRAINED_FILE,
+                            metadata={"method": settings.method, "model_name": settings.model_name})
+
+
+def load_trained(model: GPTModel, record: RunRecord, run_dir: Path) -> None:
+    """Put what `save_trained` wrote into `model` (the run's base, with its head): the adapter, or exactly the
+    tensors the method trains, each checked against the record first."""
+    if record.method in LORA_METHODS:
+        load_lora(model, checked_file(run_dir, record, ADAPTER_FILE, "the trained tensors"),
+                  model_name=record.model_name)
+    else:
+        path = checked_file(run_dir, record, TRAINED_FILE, "the trained tensors")
+        load_trained_weights(model, path, prepare_for_method(model, record.method))

@@ -21,7 +21,7 @@ LEVELS = {
     "adapters": 4, "loraplus": 4, "methods": 4, "run_record": 4,
     "classifier": 5, "language_model": 5, "peft_format": 5,
     "responses": 6, "run_settings": 6,
-    "finetune": 7, "pretrain": 7,
+    "finetune": 7, "pretrain": 7, "instruct": 7,
     "compare": 8, "export": 8,
     "cli": 9,
     "__main__": 10, "__init__": 10,
