@@ -103,7 +103,7 @@ def test_the_split_is_85_5_10_fixed_by_its_seed_and_quick_mode_takes_its_first_e
     assert splits.train[:5] != split_instructions(ENTRIES, seed=1).train[:5]
     assert splits.train[:3] != ENTRIES[:3]  # shuffled, not the file's order
     quick = load_instruction_splits(quick=True)
-    assert quick == InstructionSplits(splits.train[:100], splits.validation[:10], splits.test[:20])
+    assert quick == InstructionSplits(splits.train, splits.validation[:10], splits.test[:20])
     assert [len(part) for part in split_instructions(ENTRIES[:10])] == [8, 1, 1]
     with pytest.raises(ValueError, match="give at least 10 entries"):
         split_instructions(ENTRIES[:9])
@@ -166,14 +166,14 @@ def test_collate_refuses_an_example_whose_targets_all_vanish():
 def test_loaders_give_instruction_batches_shuffled_by_their_seed():
     splits = load_instruction_splits(quick=True)
     loaders = instruction_dataloaders(splits, batch_size=8, mask_prompt=True, context_length=256)
-    assert [len(loader.dataset) for loader in loaders] == [100, 10, 20]
+    assert [len(loader.dataset) for loader in loaders] == [935, 10, 20]
     first = next(iter(loaders.train))
     again = next(iter(instruction_dataloaders(splits, batch_size=8, mask_prompt=True,
                                               context_length=256).train))
     assert isinstance(first, InstructionBatch) and torch.equal(first.inputs, again.inputs)
     assert first.inputs.shape == first.targets.shape and first.inputs.shape[0] == 8
     bucketed = instruction_dataloaders(splits, batch_size=8, bucket=True, context_length=256)
-    assert sum(len(batch.inputs) for batch in bucketed.train) == 100
+    assert sum(len(batch.inputs) for batch in bucketed.train) == 935
     with pytest.raises(ValueError, match="max_length must be between 1 and the model's context_length"):
         instruction_dataloaders(splits, max_length=300, context_length=256)
 
