@@ -12,8 +12,8 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "llm_scratch"
 # Each module may import only modules of a lower level: data flows text -> tokens -> model -> training -> run.
 LEVELS = {
-    "config": 0, "files": 0, "tokenizer": 0, "precision": 0,
-    "attention": 1,
+    "config": 0, "files": 0, "tokenizer": 0, "precision": 0, "lora_config": 0,
+    "attention": 1, "nf4": 1,
     "model": 2, "checkpoint": 2, "plots": 2, "data": 2, "dora": 2,
     "generate": 3, "pretrained": 3, "lora": 3, "training": 3, "frozen_prefix": 3,
     "adapters": 4, "classifier": 4, "run_folder": 4, "loraplus": 4, "methods": 4, "language_model": 4,
