@@ -126,9 +126,11 @@ def dequantize_nf4(packed: torch.Tensor, absmax: torch.Tensor, shape: torch.Size
     """
     n = math.prod(shape)
     values = _byte_table(packed.device).index_select(0, packed.int()).view(-1)[:n]  # (n,)
-    blocks = _blocks(values, BLOCKSIZE)  # (n_blocks, 64)
-    out = torch.empty(blocks.shape, dtype=dtype, device=packed.device)
-    torch.mul(blocks, absmax[:, None], out=out)  # computed in float32, written in `dtype`
+    blocks = _blocks(values, BLOCKSIZE)  # (n_blocks, 64), a new tensor: free to overwrite
+    if dtype == torch.float32:
+        out = blocks.mul_(absmax[:, None])
+    else:
+        out = torch.mul(blocks, absmax[:, None], out=torch.empty_like(blocks, dtype=dtype))  # rounded once
     return out.view(-1)[:n].view(shape)
 
 
@@ -155,7 +157,7 @@ def _dynamic_table(device: torch.device) -> torch.Tensor:
 def dequantize_absmax(codes: torch.Tensor, scales: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
     """The absmax constants (n_blocks,) float32 back from their 8-bit codes: code value * scale + offset."""
     per_block = scales.repeat_interleave(ABSMAX_BLOCKSIZE)[: codes.numel()]  # (n_blocks,)
-    return _dynamic_table(codes.device)[codes.int()] * per_block + offset
+    return _dynamic_table(codes.device).index_select(0, codes.int()) * per_block + offset
 
 
 def bits_per_weight(double_quant: bool = True) -> float:

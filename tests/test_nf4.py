@@ -443,3 +443,18 @@ def test_activation_checkpointing_gives_the_same_loss_and_gradients():
     (loss, grads), (loss_ckpt, grads_ckpt) = results
     assert torch.equal(loss, loss_ckpt)
     assert all(torch.allclose(a, b, rtol=0, atol=1e-7) for a, b in zip(grads, grads_ckpt, strict=True))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_on_a_gpu_the_4_bit_state_and_the_training_step_match_the_cpu():
+    qlora, _ = qlora_and_reference()
+    on_gpu = copy.deepcopy(qlora).to("cuda")
+    assert all(t.is_cuda for t in [*on_gpu.buffers(), *on_gpu.parameters()])
+    assert torch.equal(on_gpu.linear.dequantize().cpu(), qlora.linear.dequantize())  # the same arithmetic
+    weight = random_weight((96, 80), 0.02)  # quantized on the GPU: the same codes and scales
+    on_cpu = nf4.quantize_nf4(weight)
+    assert all(torch.equal(a.cpu(), b) for a, b in zip(nf4.quantize_nf4(weight.cuda()), on_cpu, strict=True))
+    x = torch.randn(4, 96)
+    for layer, inputs in ((qlora, x), (on_gpu, x.cuda())):
+        layer(inputs).square().sum().backward()
+    assert torch.allclose(on_gpu.lora.B.grad.cpu(), qlora.lora.B.grad, atol=1e-5)
