@@ -1,7 +1,7 @@
 """QLoRA against LoRA on this CPU: peak memory and time of one training step of a classifier, and where
 QLoRA's extra time goes.
 
-    python benchmarks/bench_qlora.py              # gpt2-large shape, batch 8 x 120 tokens (about an hour)
+    python benchmarks/bench_qlora.py              # gpt2-large shape, batch 8 x 120 tokens (hours, see below)
     python benchmarks/bench_qlora.py --smoke      # tiny shapes, a few steps (what CI runs)
 
 The model: GPT-2 of the preset's shape with random weights and a 2-class head, LoRA (rank 16, alpha 16) on
@@ -14,13 +14,17 @@ Memory: each model (LoRA and QLoRA, each with and without activation checkpointi
 a fresh process. After one warm-up step (AdamW's state then exists), writing 5 to /proc/self/clear_refs resets
 the process's peak resident memory (VmHWM) to its current resident memory; the figure is VmHWM after the next
 training step: everything resident at the step's highest point (Python and PyTorch, the model, AdamW's state,
-the activations kept for backward, temporaries). The process's peak over its whole life (building included)
-is shown too.
+the activations kept for backward, temporaries). The resident memory before that step already holds most of
+it: the allocator keeps the pages that the warm-up step's activations used. The process's peak over its whole
+life (building included) is shown too.
 
 Time: LoRA, QLoRA and QLoRA with checkpointing step in turn in one process; a ratio is the median of the
 per-round ratios, so a busy moment of the machine slows both sides alike. fp32, and bf16 under autocast where
 the CPU has bfloat16 arithmetic. The profile (torch.profiler, one fp32 step of each after a warm-up) splits
 QLoRA's time into dequantization in forward, dequantization in backward, matrix products and the rest.
+
+On the 2-core build machine, shared and busy, the eight memory processes took 52 minutes and one fp32 round
+of the three steps 10 minutes (a run makes 4 rounds per precision); progress goes to stderr.
 """
 
 from __future__ import annotations
@@ -118,7 +122,9 @@ def peak_memory(name: str, precision: str, args: argparse.Namespace) -> dict[str
                args.preset, "--batch-size", str(args.batch_size), "--tokens", str(args.tokens), "--rank",
                str(args.rank), "--alpha", str(args.alpha)]
     out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
-    return json.loads(out.strip().splitlines()[-1])
+    figures = json.loads(out.strip().splitlines()[-1])
+    print(f"memory of {name}, {precision}: {figures}", file=sys.stderr, flush=True)  # progress of a long run
+    return figures
 
 
 def step_times(cfg: GPTConfig, args: argparse.Namespace, precision: str) -> dict[str, list[float]]:
@@ -138,7 +144,9 @@ def step_times(cfg: GPTConfig, args: argparse.Namespace, precision: str) -> dict
 
     steps = {"LoRA": lambda: lora_step(batch), "QLoRA": lambda: qlora_step(batch),
              "QLoRA + checkpointing": qlora_checkpointed}
-    return alternating_times(steps, args.warmup, args.repeats)
+    times = alternating_times(steps, args.warmup, args.repeats)
+    print(f"step times, {precision}: {times}", file=sys.stderr, flush=True)
+    return times
 
 
 def step_profile(name: str, cfg: GPTConfig, args: argparse.Namespace) -> dict[str, float]:
