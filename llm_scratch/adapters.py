@@ -16,6 +16,7 @@ from torch import nn
 
 from llm_scratch.files import read_safetensors, save_safetensors
 from llm_scratch.lora import LinearWithLoRA, LoRAConfig, lora_layers, replace_linear_with_lora, submodule
+from llm_scratch.nf4 import LinearNF4
 
 ADAPTER_FORMAT = "llm-scratch-lora"
 ADAPTER_VERSION = "2"  # 2: one LoRAConfig as JSON; 1 (llm-scratch 0.1): loose settings per layer, still read
@@ -137,7 +138,7 @@ def _expected_shapes(model: nn.Module, config: LoRAConfig, layers: list[str], so
         if isinstance(module, LinearWithLoRA):
             _check_layer(name, module, config, "load into a fresh base model")
             linear = module.linear
-        elif isinstance(module, nn.Linear):
+        elif isinstance(module, (nn.Linear, LinearNF4)):  # full precision, or already in 4 bits
             linear = module
         else:
             raise ValueError(f"the adapter puts LoRA on {name!r}, which is a {type(module).__name__} here, "
@@ -154,7 +155,8 @@ def load_lora(model: nn.Module, path: str | Path, *, model_name: str | None = No
 
     Checks the file's layers, keys, shapes, metadata and values (no NaN or infinity) against the model
     before changing anything; pass `model_name` to also check the base model's name saved with the adapter.
-    Returns the adapter's config.
+    Returns the adapter's config. The base stays as `model` holds it: an adapter trained on a 4-bit base
+    (quantize_base="nf4") loads into a full-precision base as any LoRA adapter does.
     """
     meta = read_lora_metadata(path)
     config, layers = meta["lora_config"], meta["layers"]
@@ -194,10 +196,11 @@ def apply_lora_state(model: nn.Module, config: LoRAConfig, layers: list[str],
                              "(replace that module, e.g. the classification head, with the one trained "
                              "with the adapter)")
 
-    # 3. Everything checked: inject what is missing and copy the tensors in.
+    # 3. Everything checked: inject what is missing (around the base layers as they are, quantized or not)
+    # and copy the tensors in.
     plain = tuple(name for name in layers if not isinstance(model.get_submodule(name), LinearWithLoRA))
     if plain:
-        replace_linear_with_lora(model, dataclasses.replace(config, target_modules=plain))
+        replace_linear_with_lora(model, dataclasses.replace(config, target_modules=plain, quantize_base=None))
     with torch.no_grad():
         for name in layers:
             layer = model.get_submodule(name)

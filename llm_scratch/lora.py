@@ -25,60 +25,9 @@ import torch
 from torch import nn
 
 from llm_scratch.dora import DoRAMagnitude
+from llm_scratch.lora_config import ALL_TARGETS, BLOCKS_PREFIX, TARGET_GROUPS, LoRAConfig
 from llm_scratch.model import count_parameters
-
-# Named groups of layers for `target_modules`; the names are those of llm_scratch.model and .attention.
-TARGET_GROUPS: dict[str, tuple[str, ...]] = {
-    "attention": ("W_query", "W_key", "W_value", "out_proj"),  # the four attention projections
-    "feedforward": ("fc1", "fc2"),  # the two layers of the feed-forward network
-}
-ALL_TARGETS = "all"  # every nn.Linear inside model.blocks: attention and feed-forward, not the head
-BLOCKS_PREFIX = "blocks."
-
-
-@dataclass(frozen=True)
-class LoRAConfig:
-    """Everything that describes a LoRA adapter, checked once, here; saved with the adapter as JSON.
-
-    The names follow Hugging Face PEFT's `LoraConfig` where they fit; PEFT calls rank `r`, alpha `lora_alpha`
-    and dropout `lora_dropout`.
-    """
-
-    rank: int = 16  # r: the inner size of A (in_dim, rank) and B (rank, out_dim)
-    alpha: float = 16.0  # the update is scaled by alpha / rank (rsLoRA: alpha / sqrt(rank))
-    dropout: float = 0.0  # dropout on the LoRA branch's input
-    use_rslora: bool = False  # rank-stabilized scaling (Kalajdzievski 2023)
-    use_dora: bool = False  # DoRA (Liu et al. 2024): a trained magnitude per output feature, llm_scratch.dora
-    # Which Linear layers get LoRA: groups ("all", "attention", "feedforward"), full names
-    # ("blocks.11.ff.fc2") or name endings ("out_proj", "att.W_value").
-    target_modules: tuple[str, ...] = (ALL_TARGETS,)
-    modules_to_save: tuple[str, ...] = ()  # whole modules trained alongside, e.g. ("out_head",)
-
-    def __post_init__(self) -> None:
-        rank, alpha, dropout = self.rank, self.alpha, self.dropout
-        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
-            raise ValueError(f"LoRA rank must be an integer >= 1, got {rank!r} (typical: 4, 8, 16, 32)")
-        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 < alpha < math.inf:
-            raise ValueError(f"LoRA alpha must be a finite number > 0, got {alpha!r} (a common choice: "
-                             "alpha = rank)")
-        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
-            raise ValueError(f"LoRA dropout must be in [0, 1), got {dropout!r}")
-        for flag in ("use_rslora", "use_dora"):
-            if not isinstance(getattr(self, flag), bool):
-                raise ValueError(f"{flag} must be True or False, got {getattr(self, flag)!r}")
-        for name in ("target_modules", "modules_to_save"):
-            value = getattr(self, name)
-            names = (value,) if isinstance(value, str) else tuple(value)
-            if (name == "target_modules" and not names) or not all(isinstance(n, str) and n for n in names):
-                raise ValueError(f"LoRAConfig.{name} must be a list of module names (target_modules: at "
-                                 f"least one, or a group), got {value!r}")
-            object.__setattr__(self, name, names)  # a tuple, so the config stays hashable and frozen
-        object.__setattr__(self, "alpha", float(alpha))
-
-    @property
-    def scaling(self) -> float:
-        """The factor of the update: alpha / rank, or alpha / sqrt(rank) with rsLoRA."""
-        return self.alpha / (math.sqrt(self.rank) if self.use_rslora else self.rank)
+from llm_scratch.nf4 import LinearNF4
 
 
 class LoRALayer(nn.Module):
@@ -126,22 +75,28 @@ class LoRALayer(nn.Module):
 class LinearWithLoRA(nn.Module):
     """An `nn.Linear` (to be frozen by `mark_only_lora_trainable`) plus a `LoRALayer`: linear(x) + lora(x);
     with `use_dora`, also DoRA's `magnitude`, which rescales every output feature (`llm_scratch.dora`).
+    QLoRA: `linear` may be a 4-bit `LinearNF4` (`llm_scratch.nf4`); A and B stay float32 and train as usual.
 
     `merge()` folds the update into the linear's weight (no extra cost at inference) and `unmerge()` takes
     it out again. Merging is explicit: `model.eval()` does not merge.
     """
 
-    def __init__(self, linear: nn.Linear, rank: int, alpha: float, dropout: float = 0.0,
+    def __init__(self, linear: nn.Linear | LinearNF4, rank: int, alpha: float, dropout: float = 0.0,
                  use_rslora: bool = False, use_dora: bool = False) -> None:
         super().__init__()
         if isinstance(linear, LinearWithLoRA):
             raise ValueError("this layer already has LoRA; wrap the plain nn.Linear only once")
-        if not isinstance(linear, nn.Linear):
-            raise ValueError(f"LinearWithLoRA wraps an nn.Linear, got {type(linear).__name__}")
+        if not isinstance(linear, (nn.Linear, LinearNF4)):
+            raise ValueError(f"LinearWithLoRA wraps an nn.Linear (or a 4-bit LinearNF4), got "
+                             f"{type(linear).__name__}")
+        if use_dora and isinstance(linear, LinearNF4):
+            raise ValueError("DoRA needs the base weight in full precision; use LoRA on a 4-bit base")
         self.linear = linear
         # Created on the linear's device and dtype, so a meta-device model stays on meta (instant counts).
+        device, dtype = ((linear.weight.device, linear.weight.dtype) if isinstance(linear, nn.Linear)
+                         else (linear.packed.device, torch.float32))  # a 4-bit layer computes in float32
         self.lora = LoRALayer(linear.in_features, linear.out_features, rank, alpha, dropout, use_rslora,
-                              device=linear.weight.device, dtype=linear.weight.dtype)
+                              device=device, dtype=dtype)
         self.magnitude = DoRAMagnitude(linear.weight) if use_dora else None  # m, one per output feature
         self.merged = False  # True while the update sits inside linear.weight
 
@@ -158,6 +113,10 @@ class LinearWithLoRA(nn.Module):
     @torch.no_grad()
     def merge(self) -> None:
         """W <- W + scaling * (A @ B)^T (DoRA: m * that / its row norms), in place. Never merges twice."""
+        if isinstance(self.linear, LinearNF4):
+            raise RuntimeError("LoRA cannot be merged into a 4-bit base without rounding the sum to 4 bits "
+                               "again; load the base model in full precision, load this adapter into it "
+                               "(llm_scratch.adapters.load_lora) and merge there")
         if not self.merged:
             if self.magnitude is not None:
                 self.linear.weight.copy_(self.magnitude.merged_weight(self.linear, self.lora))  # (out, in)
@@ -204,7 +163,7 @@ def find_lora_targets(model: nn.Module, config: LoRAConfig) -> list[str]:
     for name, module in model.named_modules():
         if isinstance(module, LinearWithLoRA) and _matches(name, wanted):
             already.append(name)
-        elif isinstance(module, nn.Linear) and name.rpartition(".")[0] not in wrapped:
+        elif isinstance(module, (nn.Linear, LinearNF4)) and name.rpartition(".")[0] not in wrapped:
             if _matches(name, wanted):
                 found.append(name)
     if already:
@@ -227,7 +186,8 @@ def replace_linear_with_lora(model: nn.Module, config: LoRAConfig) -> list[str]:
 
     target_modules: "all" (every Linear in model.blocks, not the output/classification head), "attention"
     (W_query, W_key, W_value, out_proj), "feedforward" (fc1, fc2), full names ("blocks.11.ff.fc2") and
-    name endings ("out_proj", "att.W_value").
+    name endings ("out_proj", "att.W_value"). With `config.quantize_base="nf4"` (QLoRA) each chosen
+    nn.Linear is replaced by a frozen 4-bit copy first; a `LinearNF4` already there is wrapped as it is.
     """
     if not isinstance(config, LoRAConfig):
         raise ValueError(f"replace_linear_with_lora takes a LoRAConfig, got {type(config).__name__}; "
@@ -235,7 +195,7 @@ def replace_linear_with_lora(model: nn.Module, config: LoRAConfig) -> list[str]:
     selected = find_lora_targets(model, config)  # checks everything before the model is touched
     shared = _shared_weights(model)
     for name in selected:
-        if id(model.get_submodule(name).weight) in shared:
+        if id(getattr(model.get_submodule(name), "weight", None)) in shared:  # (a LinearNF4 has no weight)
             raise ValueError(f"{name!r} shares its weight with another layer (GPT-2 ties out_head to "
                              "tok_emb), so merging LoRA into it would change both. Replace the head with a "
                              "new nn.Linear first, or leave it out of the targets.")
@@ -246,6 +206,8 @@ def replace_linear_with_lora(model: nn.Module, config: LoRAConfig) -> list[str]:
         for child_name, child in module.named_children():
             full_name = prefix + child_name
             if full_name in chosen:
+                if config.quantize_base and isinstance(child, nn.Linear):  # QLoRA: a frozen 4-bit copy
+                    child = LinearNF4.from_linear(child)
                 wrapped = LinearWithLoRA(child, config.rank, config.alpha, config.dropout, config.use_rslora,
                                          config.use_dora)
                 setattr(module, child_name, wrapped)
@@ -301,6 +263,7 @@ class ParameterSummary:
     total: int  # every parameter, LoRA's A and B included
     lora: int  # the A and B matrices alone
     magnitude: int = 0  # DoRA's magnitude vectors: one number per output feature of each LoRA layer
+    quantized: int = 0  # weights and biases of 4-bit base layers (buffers, not Parameters), in total too
 
     @property
     def base(self) -> int:
@@ -318,11 +281,16 @@ class ParameterSummary:
 def parameter_summary(model: nn.Module, *, verbose: bool = True) -> ParameterSummary:
     """Count trainable, total and LoRA parameters and print one line, e.g. trainable 2,655,746 of 124,441,346.
 
-    The "of" is the model without its LoRA matrices, so the percentage compares with full fine-tuning.
+    The "of" is the model without its LoRA matrices, so the percentage compares with full fine-tuning. A
+    4-bit base layer (QLoRA) keeps its weight and bias as buffers; each still counts as one parameter (though
+    a weight takes about 4.13 bits), so a 4-bit model counts as many as the same model in full precision.
     """
     layers = lora_layers(model).values()
+    quantized = sum(m.in_features * m.out_features + (0 if m.bias is None else m.bias.numel())
+                    for m in model.modules() if isinstance(m, LinearNF4))
     summary = ParameterSummary(
-        trainable=count_parameters(model, trainable_only=True), total=count_parameters(model),
+        trainable=count_parameters(model, trainable_only=True), total=count_parameters(model) + quantized,
+        quantized=quantized,
         lora=sum(p.numel() for layer in layers for p in layer.lora.parameters()),
         magnitude=sum(layer.magnitude.m.numel() for layer in layers if layer.magnitude is not None),
     )

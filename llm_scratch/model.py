@@ -9,6 +9,7 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from llm_scratch.attention import KVCache, MultiHeadAttention
 from llm_scratch.config import GPTConfig
@@ -101,6 +102,9 @@ class GPTModel(nn.Module):
         # and scoring it as the next token use the same vector per token, which saves vocab_size * emb_dim
         # parameters (38.6M of gpt2-small's 124M) and is how OpenAI trained the released weights.
         self.out_head.weight = self.tok_emb.weight
+        # Activation checkpointing (off by default): training keeps only each block's input for the backward
+        # pass and runs the block's forward again there: one more forward pass, for much less memory.
+        self.checkpointing = False
         self.apply(self._init_weights)
         # GPT-2 scales the init of the layers that write into the residual stream by 1/sqrt(2 * n_layers),
         # so the stream's variance does not grow with depth (two such writes per block).
@@ -179,9 +183,15 @@ class GPTModel(nn.Module):
         to the last one).
 
         `forward` runs them all; `llm_scratch.frozen_prefix` runs frozen first blocks once and the rest often.
+        With `model.checkpointing = True`, training recomputes each block in backward instead of storing what
+        its backward needs (QLoRA's recipe; the dropout masks come out the same the second time).
         """
+        recompute = self.checkpointing and self.training and torch.is_grad_enabled() and cache is None
         for i in range(start_block, len(self.blocks) if stop_block is None else stop_block):
-            x = self.blocks[i](x, None if cache is None else cache[i])  # (batch, n_tokens, emb_dim)
+            if recompute:
+                x = checkpoint(self.blocks[i], x, use_reentrant=False)  # (batch, n_tokens, emb_dim)
+            else:
+                x = self.blocks[i](x, None if cache is None else cache[i])  # (batch, n_tokens, emb_dim)
         return x
 
 

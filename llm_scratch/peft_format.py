@@ -102,10 +102,11 @@ def save_peft_adapter(model: GPTModel, folder: str | Path, config: LoRAConfig, *
                 a_blocks.append(state[f"{name}.lora.A"])  # (in, rank)
                 b_blocks.append(state[f"{name}.lora.B"])  # (rank, out)
                 magnitudes.append(state.get(f"{name}.magnitude.m"))  # (out,)
-            else:  # a projection without LoRA: zero blocks, and m = ||W|| so that DoRA's scale is 1
+            else:  # a projection without LoRA: zero blocks, and (DoRA) m = ||W|| so that DoRA's scale is 1
                 a_blocks.append(torch.zeros_like(state[f"{some}.lora.A"]))
                 b_blocks.append(torch.zeros_like(state[f"{some}.lora.B"]))
-                magnitudes.append(torch.linalg.vector_norm(_base_weight(model, name), dim=1))
+                magnitudes.append(torch.linalg.vector_norm(_base_weight(model, name), dim=1)
+                                  if config.use_dora else None)
         key = f"{PREFIX}{hf_module}."
         tensors[key + "lora_A.weight"] = torch.cat(a_blocks, dim=1).T  # (parts x rank, in)
         tensors[key + "lora_B.weight"] = torch.block_diag(*b_blocks).T  # (parts x out, parts x rank)

@@ -13,8 +13,8 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "llm_scratch"
 # Each module may import only modules of a lower level: data flows text -> tokens -> model -> training -> run.
 LEVELS = {
-    "config": 0, "files": 0, "tokenizer": 0, "precision": 0, "scores": 0, "judge": 0,
-    "attention": 1, "run_folder": 1,
+    "config": 0, "files": 0, "tokenizer": 0, "precision": 0, "scores": 0, "judge": 0, "lora_config": 0,
+    "attention": 1, "run_folder": 1, "nf4": 1,
     "model": 2, "checkpoint": 2, "plots": 2, "data": 2, "dora": 2,
     "generate": 3, "pretrained": 3, "lora": 3, "optimizer": 3, "frozen_prefix": 3,
     "training": 4,

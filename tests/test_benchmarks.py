@@ -210,3 +210,53 @@ def test_bench_precision_smoke(capsys, benchmark_script):
     assert results["profile_matmul_share"] == share and 0 < share < 1
     top = sorted(profile, key=lambda op: -profile[op])[:12]
     assert [op.strip("`") for op in rows if op.startswith("`")] == top
+
+
+def test_bench_qlora_smoke(capsys, benchmark_script):
+    bench = benchmark_script("bench_qlora")
+    results = bench.main(["--smoke"])  # tiny shape, batch 8 x 16 tokens; memory of LoRA and QLoRA in fp32
+    rows = markdown_rows(capsys.readouterr().out)
+    memory = results["memory"]["fp32"]
+    assert list(memory) == ["LoRA", "QLoRA"]
+    for name, m in memory.items():
+        assert m["before_step_mb"] <= m["step_peak_mb"] <= m["process_peak_mb"]
+        assert rows[f"{name}, fp32"] == [f"{m[key]:,.0f} MB" for key in
+                                         ("step_peak_mb", "before_step_mb", "process_peak_mb")]
+    ratio = memory["QLoRA"]["step_peak_mb"] / memory["LoRA"]["step_peak_mb"]
+    assert rows["QLoRA / LoRA, fp32"] == [f"{ratio:.2f}"]
+    for precision, times in results["step_times"].items():
+        assert list(times) == list(bench.TIMED_MODELS)
+        for name, seconds in times.items():
+            assert len(seconds) == 2 and results["step_s"][precision][name] == statistics.median(seconds)
+        per_round = [q / lo for q, lo in zip(times["QLoRA"], times["LoRA"], strict=True)]
+        assert results["ratios"][precision]["QLoRA"] == statistics.median(per_round)
+        assert rows[f"QLoRA ({precision})"] == [f"{statistics.median(times['QLoRA']):.3f} s",
+                                                f"{statistics.median(per_round):.2f}"]
+    # The profile: QLoRA dequantizes in forward and again in backward, LoRA never; the parts add up.
+    qlora, lora = results["profile_s"]["QLoRA"], results["profile_s"]["LoRA"]
+    assert qlora["dequantization in forward"] > 0 and qlora["dequantization in backward"] > 0
+    assert lora["dequantization in forward"] == lora["dequantization in backward"] == 0
+    for parts in (qlora, lora):
+        assert math.isclose(sum(v for k, v in parts.items() if k != "total"), parts["total"], rel_tol=1e-9)
+
+
+def test_bench_qlora_builds_the_4_bit_model_block_by_block_with_the_same_trained_parameters(benchmark_script):
+    import torch
+
+    from llm_scratch.lora import lora_layers
+    from llm_scratch.nf4 import LinearNF4
+
+    bench = benchmark_script("bench_qlora")
+    models = {name: bench.build(name, PRESETS["tiny"], 16, 16) for name in ("LoRA", "QLoRA + checkpointing")}
+    lora, qlora = models.values()
+    assert all(type(layer.linear) is torch.nn.Linear for layer in lora_layers(lora).values())
+    assert all(isinstance(layer.linear, LinearNF4) for layer in lora_layers(qlora).values())
+    assert (lora.checkpointing, qlora.checkpointing) == (False, True)
+    trained = {name: [n for n, p in model.named_parameters() if p.requires_grad]
+               for name, model in models.items()}
+    assert trained["LoRA"] == trained["QLoRA + checkpointing"]
+    assert len(trained["LoRA"]) == 2 * 12 + 1  # A and B of 12 layers, and the head
+    with torch.no_grad():  # the same random weights, one model in 4 bits: close outputs, not equal ones
+        ids = torch.randint(0, 50257, (2, 8), generator=torch.Generator().manual_seed(0))
+        difference = (lora(ids) - qlora(ids)).abs().max()
+    assert 0 < difference < 1
