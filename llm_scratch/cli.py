@@ -35,12 +35,13 @@ FINETUNE = {
     "--out": (Path, "run folder, written when complete (default runs/METHOD)"),
     "--rank": (int, "LoRA rank (default {d.DEFAULT_LORA.rank})"),
     "--alpha": (float, "LoRA alpha; updates scale by alpha / rank (default {d.DEFAULT_LORA.alpha:g})"),
-    "--loraplus-lr-ratio": (float, "LoRA+: B's learning rate over A's, e.g. 16 (lora, dora; default none)"),
+    "--loraplus-lr-ratio": (float, "LoRA+: B's learning rate over A's, e.g. 16 (LoRA methods; default none)"),
     "--bucket": (None, "batch messages of similar length together: less padding, faster epochs"),
     "--data-path": (Path, "a local SMSSpamCollection file or the UCI zip (no download)"),
     "--weights-path": (Path, "a local GPT-2 model.safetensors file (no download)"),
     "--random-init": (None, "random weights instead of pretrained GPT-2"), "--compare": (None, "all methods"),
     "--eval-every": (int, "steps between validation-loss checks (default {d.eval_every})"),
+    "--checkpointing": (None, "recompute each block in backward: less memory, slower (qlora's default)"),
 }
 INSTRUCT = {
     "--method": (InstructSettings.METHODS, "default {d.method}"),
@@ -48,7 +49,7 @@ INSTRUCT = {
     "--out": (Path, "run folder, written when complete (default runs/METHOD)"),
     "--rank": (int, "LoRA rank (default {d.DEFAULT_LORA.rank})"),
     "--alpha": (float, "LoRA alpha; updates scale by alpha / rank (default {d.DEFAULT_LORA.alpha:g})"),
-    "--loraplus-lr-ratio": (float, "LoRA+: B's learning rate over A's, e.g. 16 (lora, dora; default none)"),
+    "--loraplus-lr-ratio": (float, "LoRA+: B's learning rate over A's, e.g. 16 (LoRA methods; default none)"),
     "--mask-prompt": (None, "the loss on the response's tokens only, not the prompt's"),
     "--max-new-tokens": (int, "the longest response to the test split (default {d.max_new_tokens})"),
     "--judge-url": (str, "an Ollama server (e.g. http://localhost:11434) that scores each response 0-100"),
@@ -57,6 +58,7 @@ INSTRUCT = {
     "--weights-path": (Path, "a local GPT-2 model.safetensors file (no download)"),
     "--random-init": (None, "random weights instead of pretrained GPT-2"),
     "--eval-every": (int, "steps between validation-loss checks (default {d.eval_every})"),
+    "--checkpointing": (None, "recompute each block in backward: less memory, slower (qlora's default)"),
 }
 PRETRAIN = {
     "--model-name": (str, "tiny (the default), gpt2-small, gpt2-medium, gpt2-large or gpt2-xl"),

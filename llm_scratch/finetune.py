@@ -103,6 +103,7 @@ def _train_into(folder: Path, settings: FinetuneSettings) -> dict:
     model = load_base(base, folder, device, command=COMMAND, verify=False)  # hashed just now: once is enough
     add_classification_head(model, num_classes=len(LABELS), seed=settings.seed)
     prepare_for_method(model, settings.method, settings.lora_config, seed=settings.seed)
+    model.checkpointing = settings.checkpointing
     groups = None if settings.loraplus_lr_ratio is None else loraplus_param_groups(
         model, settings.lr, settings.loraplus_lr_ratio)  # checks the ratio
     summary = parameter_summary(model, verbose=False)

@@ -46,14 +46,14 @@ from llm_scratch.run_settings import RunSettings, base_model, load_trained, save
 from llm_scratch.scores import summarize_scores
 
 COMMAND = "instruct"
-METHODS = ("full", "lora", "dora")
+METHODS = ("full", "lora", "dora", "qlora")
 # The reference course's recipe for full fine-tuning: GPT-2 medium, 2 epochs, AdamW at 5e-5. LoRA trains new
 # matrices from B = 0 and takes a 10 times larger step, as for classification. Quick mode trains the tiny
 # random model from scratch, which needs larger steps still (5e-3 halved its test loss on response tokens in
 # 2 epochs; 1e-2 and 3e-3 did less).
 DEFAULT_MODEL_NAME, EPOCHS, QUICK_EPOCHS = "gpt2-medium", 2, 2
-LEARNING_RATES = {"full": 5e-5, "lora": 5e-4, "dora": 5e-4}
-QUICK_LEARNING_RATES = {"full": 5e-3, "lora": 5e-3, "dora": 5e-3}
+LEARNING_RATES = {"full": 5e-5, "lora": 5e-4, "dora": 5e-4, "qlora": 5e-4}
+QUICK_LEARNING_RATES = {"full": 5e-3, "lora": 5e-3, "dora": 5e-3, "qlora": 5e-3}
 # LoRA beside every Linear of the blocks; the output head, tied to the token embedding, stays frozen.
 INSTRUCT_LORA = LoRAConfig(rank=16, alpha=16.0)
 
@@ -116,6 +116,7 @@ def _train_into(folder: Path, settings: InstructSettings) -> dict:
     base = base_model(settings, folder)
     model = load_base(base, folder, device, command=COMMAND, verify=False)  # hashed just now: once is enough
     prepare_for_method(model, settings.method, settings.lora_config, seed=settings.seed)
+    model.checkpointing = settings.checkpointing
     groups = None if settings.loraplus_lr_ratio is None else loraplus_param_groups(
         model, settings.lr, settings.loraplus_lr_ratio)
     summary = parameter_summary(model, verbose=False)

@@ -1,7 +1,8 @@
 """The fine-tuning methods: which parameters each one trains, and the learning rate it takes.
 
 full: every parameter; last-block: the last transformer block, the final norm and the head; lora: new low-rank
-matrices beside the Linear layers and the new head; dora: LoRA with a trained magnitude per output feature.
+matrices beside the Linear layers and the new head; dora: LoRA with a trained magnitude per output feature;
+qlora: LoRA beside Linear layers stored in 4 bits (NF4, `llm_scratch.nf4`).
 """
 
 from __future__ import annotations
@@ -13,16 +14,16 @@ import torch
 from llm_scratch.lora import LoRAConfig, mark_only_lora_trainable, replace_linear_with_lora
 from llm_scratch.model import GPTModel
 
-METHODS = ("full", "last-block", "lora", "dora")
-LORA_METHODS = ("lora", "dora")  # the methods that train an adapter (DoRA: LoRA + magnitudes)
+METHODS = ("full", "last-block", "lora", "dora", "qlora")
+LORA_METHODS = ("lora", "dora", "qlora")  # they train an adapter (dora: + magnitudes, qlora: on a 4-bit base)
 COMPARED_METHODS = ("full", "last-block", "lora")  # what `compare` runs unless told otherwise
 # AdamW learning rates. Full and last-block fine-tuning move pretrained weights, so they take the small step
 # usual for fine-tuning a pretrained transformer (5e-5). LoRA trains only new matrices (and the new head),
 # starting from B = 0; with alpha = rank the update of W is A @ B itself, and a 10x larger step lets it grow
-# in a few epochs, as is common for LoRA; DoRA, LoRA with magnitudes, takes the same. Quick mode trains a tiny
-# model with random weights from scratch, which needs larger steps still.
-LEARNING_RATES = {"full": 5e-5, "last-block": 5e-5, "lora": 5e-4, "dora": 5e-4}
-QUICK_LEARNING_RATES = {"full": 2e-3, "last-block": 2e-3, "lora": 5e-3, "dora": 5e-3}
+# in a few epochs, as is common for LoRA; DoRA and QLoRA, LoRA with magnitudes or on a 4-bit base, take the
+# same. Quick mode trains a tiny model with random weights from scratch, which needs larger steps still.
+LEARNING_RATES = {"full": 5e-5, "last-block": 5e-5, "lora": 5e-4, "dora": 5e-4, "qlora": 5e-4}
+QUICK_LEARNING_RATES = {"full": 2e-3, "last-block": 2e-3, "lora": 5e-3, "dora": 5e-3, "qlora": 5e-3}
 # LoRA for classification: beside every Linear of the blocks, and the new head trains in full.
 CLASSIFIER_LORA = LoRAConfig(rank=16, alpha=16.0, modules_to_save=("out_head",))
 
@@ -51,7 +52,13 @@ def prepare_for_method(
 
 
 def method_lora_config(method: str, lora_config: LoRAConfig) -> LoRAConfig:
-    """The LoRAConfig a LoRA method trains with: `lora_config` with use_dora set for method "dora"."""
-    if method == "lora" and lora_config.use_dora:
-        raise ValueError("the LoRAConfig says use_dora=True but the method is 'lora': choose method 'dora'")
-    return dataclasses.replace(lora_config, use_dora=method == "dora")
+    """The LoRAConfig a LoRA method trains with: `lora_config` with use_dora set for method "dora" and the
+    base quantized to NF4 for method "qlora"; a config that says otherwise is refused."""
+    if lora_config.use_dora and method != "dora":
+        raise ValueError(f"the LoRAConfig says use_dora=True but the method is {method!r}: choose method "
+                         "'dora'")
+    if lora_config.quantize_base and method != "qlora":
+        raise ValueError(f"the LoRAConfig says quantize_base={lora_config.quantize_base!r} but the method is "
+                         f"{method!r}: choose method 'qlora'")
+    return dataclasses.replace(lora_config, use_dora=method == "dora",
+                               quantize_base="nf4" if method == "qlora" else None)

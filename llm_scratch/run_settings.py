@@ -19,7 +19,7 @@ import torch
 from llm_scratch.adapters import load_lora, save_lora
 from llm_scratch.config import PRESETS, QUICK_PRESET, pick_device, quick_mode
 from llm_scratch.files import require_finite, save_safetensors
-from llm_scratch.lora import LoRAConfig
+from llm_scratch.lora import LoRAConfig, replace_linear_with_lora
 from llm_scratch.methods import LORA_METHODS, method_lora_config, prepare_for_method
 from llm_scratch.model import GPTModel
 from llm_scratch.precision import check_precision
@@ -72,6 +72,7 @@ class RunSettings:
     weights_path: Path | None = None  # a local GPT-2 model.safetensors instead of the download
     random_init: bool = False  # start from random weights instead of pretrained GPT-2
     eval_every: int = 50  # steps between validation-loss checks
+    checkpointing: bool | None = None  # recompute each block in backward (less memory); None: for qlora only
     progress: bool = True  # progress bars
 
     @classmethod
@@ -100,6 +101,8 @@ class RunSettings:
             raise ValueError(f"--device must be cpu, cuda, cuda:N (the N-th GPU) or mps, got {self.device!r}")
         check_precision(self.precision)
         quick_mode(self.quick)  # refuses anything but True, False and None
+        if self.checkpointing not in (None, True, False):
+            raise ValueError(f"checkpointing must be True, False or None, got {self.checkpointing!r}")
         self.check_contradictions()
 
     def check_contradictions(self) -> None:
@@ -133,7 +136,9 @@ class RunSettings:
             model_name=QUICK_PRESET if quick else self.model_name or self.DEFAULT_MODEL_NAME,
             epochs=self.epochs or (self.QUICK_EPOCHS if quick else self.EPOCHS), lora_config=lora,
             lr=self.lr or (self.QUICK_LEARNING_RATES if quick else self.LEARNING_RATES)[self.method],
-            device=str(device_of(self.device)), out=Path(self.out or Path("runs") / self.method))
+            device=str(device_of(self.device)), out=Path(self.out or Path("runs") / self.method),
+            # QLoRA saves memory, so it saves the activations' too, as the QLoRA paper and PEFT do
+            checkpointing=self.method == "qlora" if self.checkpointing is None else self.checkpointing)
 
     def recorded(self) -> dict:
         """The settings run.json records (of resolved settings): what the run is, not where it went."""
@@ -198,6 +203,8 @@ def load_trained(model: GPTModel, record: RunRecord, run_dir: Path) -> None:
     """Put what `save_trained` wrote into `model` (the run's base, with its head): the adapter, or exactly the
     tensors the method trains, each checked against the record first."""
     if record.method in LORA_METHODS:
+        if record.lora_config.quantize_base:  # QLoRA: the 4-bit base the adapter was trained with
+            replace_linear_with_lora(model, record.lora_config)
         load_lora(model, checked_file(run_dir, record, ADAPTER_FILE, "the trained tensors"),
                   model_name=record.model_name)
     else:

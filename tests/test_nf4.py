@@ -458,3 +458,4 @@ def test_on_a_gpu_the_4_bit_state_and_the_training_step_match_the_cpu():
     for layer, inputs in ((qlora, x), (on_gpu, x.cuda())):
         layer(inputs).square().sum().backward()
     assert torch.allclose(on_gpu.lora.B.grad.cpu(), qlora.lora.B.grad, atol=1e-5)
+
