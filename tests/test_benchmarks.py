@@ -260,3 +260,20 @@ def test_bench_qlora_builds_the_4_bit_model_block_by_block_with_the_same_trained
         ids = torch.randint(0, 50257, (2, 8), generator=torch.Generator().manual_seed(0))
         difference = (lora(ids) - qlora(ids)).abs().max()
     assert 0 < difference < 1
+
+
+def test_bench_instruct_smoke(capsys, benchmark_script):
+    bench = benchmark_script("bench_instruct")
+    results = bench.main(["--smoke"])  # tiny shape, 2 rounds on the real split's first batches
+    rows = markdown_rows(capsys.readouterr().out)
+    seconds = results["seconds"]
+    assert all(len(times) == 2 for times in seconds.values()) and results["steps_per_epoch"] == 117  # 935 / 8
+    for name, times in seconds.items():
+        assert rows[name] == [f"{statistics.median(times):.2f} s", f"{results['epoch_s'][name] / 60:.1f} min"]
+        assert results["epoch_s"][name] == pytest.approx(statistics.mean(times) * 117)
+    for precision, ratio in results["ratios"].items():
+        paired = statistics.median(a / b for a, b in zip(seconds[f"ours {precision}"],
+                                                          seconds[f"hf+peft {precision}"], strict=True))
+        assert ratio == paired and rows[f"ours / HF + PEFT, {precision}"] == [f"{paired:.2f}"]
+    # Both models saw the same batches: their first losses are those of random models, near ln(50,257).
+    assert all(abs(losses[0] - 10.8) < 0.5 for losses in results["losses"].values())
