@@ -279,6 +279,7 @@ class _Run:
         state = {"epoch": epoch, "step": self.step, "seen": self.seen, "model": self.model.state_dict(),
                  "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                  "scaler": self.scaler.state_dict(), "torch_rng": torch.get_rng_state(),
+                 "cuda_rng": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
                  "loader_rng": [g.get_state() for g in _generators(self.train_loader)],
                  "history": self.history.to_dict()}
         with atomic_path(path) as temporary:
@@ -298,9 +299,12 @@ class _Run:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
-        torch.set_rng_state(state["torch_rng"])
+        # The generators' states are CPU byte tensors, wherever map_location put the rest.
+        torch.set_rng_state(state["torch_rng"].cpu())
+        if state.get("cuda_rng") is not None and self.device.type == "cuda":  # dropout's generator on a GPU
+            torch.cuda.set_rng_state(state["cuda_rng"].cpu(), self.device)
         for generator, saved in zip(generators, state["loader_rng"], strict=True):
-            generator.set_state(saved)
+            generator.set_state(saved.cpu())
         self.step, self.seen = state["step"], state["seen"]
         self.history = History(**state["history"])
         return state["epoch"]
