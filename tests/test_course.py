@@ -1,7 +1,8 @@
-"""The loops the notebooks write out by hand (greedy generation and a KV-cache step in 01, the data pipeline
-and the training loop in 05) against the package, on more cases than the notebooks run.
+"""What the notebooks write by hand against the package, on more cases than the notebooks run: the modules
+of 01 (attention, block, GPT), its greedy loop, KV-cache step and byte-pair merges, the checkpoint loader of
+03, the LoRA classes of 04, and the data pipeline and the training loop of 05.
 
-The functions are taken from the notebooks themselves, so what is tested is what students read."""
+The functions and classes are taken from the notebooks themselves, so what is tested is what students read."""
 
 from __future__ import annotations
 
@@ -12,9 +13,14 @@ from types import SimpleNamespace
 
 import nbformat
 import pytest
+import regex
 import torch
 from IPython.core.inputtransformer2 import TransformerManager
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tiktoken_ext.openai_public import r50k_pat_str
 from torch.utils.data import DataLoader
+from transformers import GPT2Config, GPT2LMHeadModel
 
 from llm_scratch import GPTConfig, GPTModel, generate
 from llm_scratch.classifier import add_classification_head, train_classifier
@@ -26,12 +32,14 @@ from llm_scratch.data import (
     default_sms_dir,
     load_sample,
     load_spam_splits,
+    load_text,
     read_sms_spam,
     spam_dataloaders,
     split,
 )
-from llm_scratch.finetune import prepare_for_method
-from llm_scratch.lora import LoRAConfig
+from llm_scratch.lora import LinearWithLoRA, LoRAConfig, LoRALayer, lora_layers, replace_linear_with_lora
+from llm_scratch.methods import prepare_for_method
+from llm_scratch.pretrained import load_gpt2
 from llm_scratch.tokenizer import get_tokenizer
 
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
@@ -40,12 +48,14 @@ REAL_FILE = default_sms_dir() / SMS_FILE_NAME
 
 
 def notebook_functions(name: str, *functions: str) -> SimpleNamespace:
-    """The functions a notebook defines, with the notebook's imports, ready to call."""
+    """The functions and classes a notebook defines, with the notebook's imports, ready to call.
+
+    They are defined in the order given, so a class used by another comes first."""
     trees = [ast.parse(TransformerManager().transform_cell(cell.source))
              for cell in nbformat.read(NOTEBOOKS / name, as_version=4).cells if cell.cell_type == "code"]
     body = [node for tree in trees for node in tree.body]
     imports = [node for node in body if isinstance(node, (ast.Import, ast.ImportFrom))]
-    defined = {node.name: node for node in body if isinstance(node, ast.FunctionDef)}
+    defined = {node.name: node for node in body if isinstance(node, (ast.FunctionDef, ast.ClassDef))}
     missing = [function for function in functions if function not in defined]
     assert not missing, f"{name} no longer defines {missing}"
     namespace: dict = {}
@@ -55,7 +65,11 @@ def notebook_functions(name: str, *functions: str) -> SimpleNamespace:
 
 
 GPT = notebook_functions("01_gpt_from_scratch.ipynb", "generate_greedy_by_hand", "forward_with_cache_by_hand",
-                         "empty_cache")
+                         "empty_cache", "MultiHeadAttention", "LayerNorm", "FeedForward", "TransformerBlock",
+                         "GPTModel", "bpe_by_hand")
+LOADER = notebook_functions("03_loading_pretrained_gpt2.ipynb", "gpt2_state_dict_by_hand")
+LORA = notebook_functions("04_lora_from_scratch.ipynb", "LoRALayer", "LinearWithLoRA",
+                          "replace_linear_with_lora")
 SPAM = notebook_functions("05_spam_classification_lora.ipynb", "balance_by_hand", "split_by_hand",
                           "batches_by_hand", "train_steps_by_hand")
 
@@ -95,6 +109,110 @@ def test_hand_kv_cache_steps_give_the_logits_without_a_cache(batch):
     assert cache[0][0].shape == (batch, model.cfg.n_heads, 12, model.cfg.head_dim)
     assert (by_hand - whole).abs().max().item() < 1e-5
     assert (steps[-1] - package_step).abs().max().item() < 1e-5
+
+
+@pytest.mark.parametrize("overrides", [{}, {"qkv_bias": False}, {"n_heads": 1, "n_layers": 3}])
+def test_students_modules_load_the_packages_weights_and_give_its_logits(overrides):
+    reference = tiny_model(seed=3, **overrides)
+    mine = GPT.GPTModel(reference.cfg).eval()
+    mine.load_state_dict(reference.state_dict(), strict=True)  # the same names, every one of them
+    assert mine.out_head.weight is mine.tok_emb.weight  # still tied after loading
+    ids = random_ids(3, 40, seed=2)
+    with torch.no_grad():
+        assert (mine(ids) - reference(ids)).abs().max().item() < 1e-5
+        logits, _ = GPT.forward_with_cache_by_hand(mine, ids, GPT.empty_cache(mine, 3))  # the hand cache too
+        assert (logits - reference(ids)).abs().max().item() < 1e-5
+    assert sum(p.numel() for p in mine.parameters()) == sum(p.numel() for p in reference.parameters())
+
+
+def test_students_attention_is_causal_and_drops_out_only_in_training():
+    cfg = GPTConfig.from_preset("tiny", drop_rate=0.5)
+    torch.manual_seed(0)
+    att = GPT.MultiHeadAttention(cfg)
+    x = torch.randn(2, 10, cfg.emb_dim)
+    changed = x.clone()
+    changed[:, 6:] += 1.0  # change the last four tokens only
+    with torch.no_grad():
+        att.eval()
+        assert torch.equal(att(x)[:, :6], att(changed)[:, :6])  # earlier tokens never see later ones
+        assert torch.equal(att(x), att(x))
+        att.train()
+        assert not torch.equal(att(x), att(x))
+
+
+def test_students_bpe_gives_tiktokens_ids():
+    tokenizer = get_tokenizer()
+    ranks = {tokenizer.decode_single_token_bytes(i): i for i in range(tokenizer.n_vocab - 1)}
+    pattern = regex.compile(r50k_pat_str)  # GPT-2's own pre-tokenization
+    text = load_text()[:3000] + " naïve café 12345 😀 --- \n\n  tabs\tand spaces"
+    for word in pattern.findall(text):
+        ids, history = GPT.bpe_by_hand(word, ranks)
+        assert ids == tokenizer.encode_ordinary(word), word
+        assert b"".join(history[-1]) == word.encode("utf-8")
+
+
+def gpt2_file_variants(tmp_path: Path) -> list[Path]:
+    """A tiny random GPT-2 written by Hugging Face (names with a "transformer." prefix), and the same tensors
+    in the Hub's layout: no prefix, causal-mask buffers, a stored copy of the tied head."""
+    torch.manual_seed(5)
+    hf = GPT2LMHeadModel(GPT2Config(n_layer=2, n_head=4, n_embd=64, vocab_size=50257, n_positions=256))
+    hf.save_pretrained(tmp_path / "hf", safe_serialization=True)
+    with safe_open(tmp_path / "hf" / "model.safetensors", framework="pt") as f:
+        tensors = {name.removeprefix("transformer."): f.get_tensor(name) for name in f.keys()}
+    for i in range(2):
+        tensors[f"h.{i}.attn.bias"] = torch.ones(1, 1, 256, 256).tril()
+        tensors[f"h.{i}.attn.masked_bias"] = torch.tensor(-1e4)
+    tensors["lm_head.weight"] = tensors["wte.weight"].clone()
+    save_file(tensors, str(tmp_path / "hub.safetensors"), metadata={"format": "pt"})
+    return [tmp_path / "hf" / "model.safetensors", tmp_path / "hub.safetensors"]
+
+
+def test_students_loader_gives_load_gpt2s_model_on_both_layouts(tmp_path: Path):
+    for path in gpt2_file_variants(tmp_path):
+        state = LOADER.gpt2_state_dict_by_hand(path)
+        mine = GPTModel(GPTConfig.from_preset("tiny"))
+        mine.load_state_dict(state, strict=True)
+        package = load_gpt2("tiny", weights_path=path)
+        for name, tensor in package.state_dict().items():
+            assert torch.equal(mine.state_dict()[name], tensor), (path.name, name)
+        ids = random_ids(2, 20)
+        with torch.no_grad():
+            assert torch.equal(mine(ids), package(ids))
+
+
+@pytest.mark.parametrize(("in_dim", "out_dim", "rank", "alpha"),
+                         [(768, 768, 8, 16), (64, 256, 4, 1), (5, 3, 7, 2.5)])
+def test_students_lora_layer_is_the_packages_bit_for_bit(in_dim, out_dim, rank, alpha):
+    torch.manual_seed(0)
+    mine = LORA.LoRALayer(in_dim, out_dim, rank, alpha)
+    torch.manual_seed(0)
+    package = LoRALayer(in_dim, out_dim, rank=rank, alpha=alpha)
+    assert torch.equal(mine.A, package.A) and mine.scaling == package.scaling  # same init, same draws
+    x = torch.randn(2, 3, in_dim)  # (batch, n_tokens, in_dim)
+    with torch.no_grad():
+        package.B.normal_()
+        mine.load_state_dict(package.state_dict(), strict=True)
+        assert torch.equal(mine(x), package(x))
+        linear = torch.nn.Linear(in_dim, out_dim)
+        wrapped_mine = LORA.LinearWithLoRA(linear, rank, alpha)
+        wrapped_package = LinearWithLoRA(linear, rank, alpha)
+        wrapped_package.lora.B.normal_()
+        wrapped_mine.load_state_dict(wrapped_package.state_dict(), strict=True)
+        assert torch.equal(wrapped_mine(x), wrapped_package(x))
+
+
+def test_students_injection_wraps_what_the_package_wraps():
+    base = tiny_model(seed=4)
+    mine, package = copy.deepcopy(base), copy.deepcopy(base)
+    LORA.replace_linear_with_lora(mine.blocks, 4, 8)
+    replace_linear_with_lora(package, LoRAConfig(rank=4, alpha=8))
+    assert mine.state_dict().keys() == package.state_dict().keys()
+    ids = random_ids(2, 16)
+    with torch.no_grad():
+        for layer in lora_layers(package).values():
+            layer.lora.B.normal_(std=0.02)
+        mine.load_state_dict(package.state_dict(), strict=True)
+        assert torch.equal(mine(ids), package(ids)) and not torch.equal(mine(ids), base(ids))
 
 
 def _check_batches(by_hand: list, loader: DataLoader) -> None:

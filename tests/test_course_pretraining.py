@@ -11,8 +11,8 @@ from test_course import notebook_functions
 
 from llm_scratch.data import text_dataloaders
 from llm_scratch.language_model import train_language_model
+from llm_scratch.optimizer import lr_factor
 from llm_scratch.pretrain import build_model
-from llm_scratch.training import lr_factor
 
 HAND = notebook_functions("02_pretraining.ipynb", "adamw_by_hand", "lr_by_hand", "clip_by_hand",
                           "train_epoch_by_hand")
