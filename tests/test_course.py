@@ -53,7 +53,7 @@ def notebook_functions(name: str, *functions: str) -> SimpleNamespace:
 
 GPT = notebook_functions("01_gpt_from_scratch.ipynb", "generate_greedy_by_hand", "forward_with_cache_by_hand",
                          "empty_cache")
-SPAM = notebook_functions("05_spam_classification_lora.ipynb", "balance_by_hand", "split_by_hand",
+SPAM = notebook_functions("05_spam_classification.ipynb", "balance_by_hand", "split_by_hand",
                           "batches_by_hand", "train_steps_by_hand")
 
 
