@@ -88,9 +88,8 @@ def build(name: str, cfg: GPTConfig, rank: int, alpha: float, seed: int = 123) -
     for part in (model.tok_emb, model.pos_emb, model.final_norm):
         random_init(part)
     add_classification_head(model, num_classes=2, seed=seed)
-    config = dataclasses.replace(CLASSIFIER_LORA, rank=rank, alpha=alpha,
-                                 quantize_base="nf4" if qlora else None)
-    prepare_for_method(model, "lora", config, seed=seed)
+    config = dataclasses.replace(CLASSIFIER_LORA, rank=rank, alpha=alpha)
+    prepare_for_method(model, "qlora" if qlora else "lora", config, seed=seed)  # qlora: the base is NF4
     model.checkpointing = name.endswith("checkpointing")
     return model.train()
 

@@ -70,7 +70,7 @@ GPT = notebook_functions("01_gpt_from_scratch.ipynb", "generate_greedy_by_hand",
 LOADER = notebook_functions("03_loading_pretrained_gpt2.ipynb", "gpt2_state_dict_by_hand")
 LORA = notebook_functions("04_lora_from_scratch.ipynb", "LoRALayer", "LinearWithLoRA",
                           "replace_linear_with_lora")
-SPAM = notebook_functions("05_spam_classification_lora.ipynb", "balance_by_hand", "split_by_hand",
+SPAM = notebook_functions("05_spam_classification.ipynb", "balance_by_hand", "split_by_hand",
                           "batches_by_hand", "train_steps_by_hand")
 
 
