@@ -110,7 +110,8 @@ class RunSettings:
         if self.weights_path is not None and self.random_init:
             raise ValueError("--weights-path and --random-init contradict each other: pretrained weights "
                              "from a file, or random ones? Drop one of them")
-        lora_methods = " or ".join(method for method in self.METHODS if method in LORA_METHODS)
+        names = [method for method in self.METHODS if method in LORA_METHODS]
+        lora_methods = " or ".join(names) if len(names) < 3 else f"{', '.join(names[:-1])} or {names[-1]}"
         if self.method not in LORA_METHODS and self.lora_config is not None:
             raise ValueError(f"--rank and --alpha (the LoRA config) set LoRA's layers, which method "
                              f"{self.method!r} has none of; use them with method {lora_methods}")

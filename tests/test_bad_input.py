@@ -99,7 +99,7 @@ def test_a_bad_argument_is_refused_in_one_line_and_the_existing_run_is_untouched
     (["--random-init", "--weights-path", "w.safetensors"], "--weights-path and --random-init contradict"),
     (["--method", "full", "--rank", "4"], "--rank and --alpha .* which method 'full' has none of"),
     (["--method", "last-block", "--alpha", "32"], "which method 'last-block' has none of"),
-    (["--method", "full", "--loraplus-lr-ratio", "16"], "use it with method lora or dora, not 'full'"),
+    (["--method", "full", "--loraplus-lr-ratio", "16"], "use it with method lora, dora or qlora, not 'full'"),
 ])
 def test_options_that_contradict_each_other_are_refused(tmp_path, capsys, arguments, message):
     code, _, err = cli(capsys, "finetune", *arguments, "--out", tmp_path / "run")

@@ -16,7 +16,7 @@ from peft import PeftModel
 from transformers import AutoTokenizer, GPT2ForSequenceClassification, GPT2LMHeadModel
 
 from llm_scratch import finetune as finetune_module
-from llm_scratch import run_record
+from llm_scratch import run_record, run_settings
 from llm_scratch.classifier import last_token_logits
 from llm_scratch.cli import main
 from llm_scratch.config import PRESETS
@@ -42,7 +42,7 @@ def hub(tmp_path_factory) -> Path:
 
 def gpt2_small_run(method: str, hub: Path, out: Path, monkeypatch) -> Path:
     """A gpt2-small fine-tuning run from the "Hub" base, one epoch on 24 training messages."""
-    monkeypatch.setattr(finetune_module, "download_gpt2", lambda name: hub / "model.safetensors")
+    monkeypatch.setattr(run_settings, "download_gpt2", lambda name: hub / "model.safetensors")
     monkeypatch.setattr(run_record, "download_gpt2", lambda name: hub / "model.safetensors")
     splits = load_spam_splits(quick=True, seed=123)
     few = SpamSplits(splits.train[:24], splits.validation[:8], splits.test[:8])

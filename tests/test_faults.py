@@ -84,6 +84,12 @@ def staging_names(out: Path, stale: set[str]) -> list[str]:
                   for p in glob.glob(f"{glob.escape(folder)}/*") + glob.glob(f"{glob.escape(folder)}/.*"))
 
 
+def wait_for_saving(process: multiprocessing.Process, out: Path, stale: set[str], saving_starts: str) -> None:
+    """Wait until the run into `out` has begun saving (its file `saving_starts` is staged) or has ended."""
+    while process.is_alive() and saving_starts not in staging_names(out, stale):
+        time.sleep(0.002)
+
+
 def moment(staged: list[str], running: bool, replaced: bool, saving_starts: str) -> str:
     """When a kill struck, from what the run's temporary folder held and what the run folder holds after;
     `saving_starts`: the first file the run writes once training is over."""
@@ -98,16 +104,19 @@ def moment(staged: list[str], running: bool, replaced: bool, saving_starts: str)
 
 def kill_at_random_moments(tmp_path: Path, old_run: Path, args_for, n_kills: int, saving_starts: str,
                            which_run, seed: int = 20240607) -> collections.Counter:
-    """Run `args_for(out)` once into tmp_path/reference (to time it), then start it over `old_run` and SIGKILL
-    it, `n_kills` times: every other time at a random moment of the whole run, else at a random moment of its
-    saving (once its first file after training, `saving_starts`, appears, then within 0.6 s). After each
-    kill, `which_run(old_run)` says "old" or "new" (whole) or raises; the old run is put back whenever the
-    new one completed. Returns the outcomes by moment."""
+    """Run `args_for(out)` once into tmp_path/reference (to time it and its saving), then start it over
+    `old_run` and SIGKILL it, `n_kills` times: every other time at a random moment of the whole run, else at a
+    random moment of its saving (from when its first file after training, `saving_starts`, appears, within
+    the time the reference run's saving took). After each kill, `which_run(old_run)` says "old" or "new"
+    (whole) or raises; the old run is put back whenever the new one completed. Returns the outcomes by
+    moment."""
     pristine = shutil.copytree(old_run, tmp_path / "pristine")
     began = time.perf_counter()
     reference = fork_cli(tmp_path, *args_for(tmp_path / "reference"))
+    wait_for_saving(reference, tmp_path / "reference", set(), saving_starts)
+    saving_began = time.perf_counter()
     reference.join(timeout=300)
-    duration = time.perf_counter() - began
+    duration, saving = time.perf_counter() - began, time.perf_counter() - saving_began
     assert reference.exitcode == 0
     rng = random.Random(seed)
     outcomes: collections.Counter = collections.Counter()
@@ -119,10 +128,9 @@ def kill_at_random_moments(tmp_path: Path, old_run: Path, args_for, n_kills: int
         process = fork_cli(tmp_path, *args_for(old_run))
         if kill % 2 == 0:  # any moment of the whole run
             time.sleep(rng.uniform(0.0, duration))
-        else:  # during the saves
-            while process.is_alive() and saving_starts not in staging_names(old_run, stale):
-                time.sleep(0.002)
-            time.sleep(rng.uniform(0.0, 0.6))
+        else:  # during the saves, which took `saving` seconds in the reference run
+            wait_for_saving(process, old_run, stale, saving_starts)
+            time.sleep(rng.uniform(0.0, 0.9 * saving))
         staged, running = staging_names(old_run, stale), process.is_alive()
         process.kill()
         process.join()

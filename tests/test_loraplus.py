@@ -134,7 +134,7 @@ def test_loraplus_from_the_command_line(tmp_path: Path, monkeypatch, capsys):
     args = ["finetune", "--method", "full", "--loraplus-lr-ratio", "16", "--quick",
             "--out", str(tmp_path / "f")]
     assert main(args) == 2
-    assert "use it with method lora or dora, not 'full'" in capsys.readouterr().err
+    assert "use it with method lora, dora or qlora, not 'full'" in capsys.readouterr().err
 
 
 def test_compare_with_dora_and_loraplus(tmp_path: Path, monkeypatch):

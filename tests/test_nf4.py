@@ -339,7 +339,7 @@ def test_buffers_round_trip_through_state_dict_and_move_with_to():
 def qlora_classifier(seed: int = 123) -> GPTModel:
     model = tiny_model(seed=seed)
     model.out_head = nn.Linear(model.cfg.emb_dim, N_CLASSES)
-    prepare_for_method(model, "lora", QLORA)
+    prepare_for_method(model, "qlora", QLORA)
     return model
 
 
@@ -413,7 +413,7 @@ def test_an_adapter_trained_on_a_4_bit_base_is_an_ordinary_lora_adapter(tmp_path
 def test_peft_export_of_a_qlora_adapter_is_that_of_the_same_lora_adapter(tmp_path: Path):
     config = dataclasses.replace(QLORA, target_modules=("W_query", "fc2"), modules_to_save=())
     model = tiny_model()
-    prepare_for_method(model, "lora", config)
+    prepare_for_method(model, "qlora", config)
     randomize_lora(model)
     full = tiny_model()
     prepare_for_method(full, "lora", dataclasses.replace(config, quantize_base=None))
@@ -433,7 +433,7 @@ def test_activation_checkpointing_gives_the_same_loss_and_gradients():
     for checkpointing in (False, True):
         model = tiny_model(drop_rate=0.1)
         model.out_head = nn.Linear(model.cfg.emb_dim, N_CLASSES)
-        prepare_for_method(model, "lora", QLORA)
+        prepare_for_method(model, "qlora", QLORA)
         model.checkpointing = checkpointing
         model.train()
         torch.manual_seed(5)  # the same dropout masks
