@@ -84,7 +84,8 @@ def test_a_judge_that_is_absent_stops_the_run_before_it_trains(tmp_path, capsys)
 
 
 @pytest.mark.parametrize("arguments, message", [
-    (["--method", "full", "--rank", "4"], "method 'full' has none of; use them with method lora, dora or qlora"),
+    (["--method", "full", "--rank", "4"],
+     "method 'full' has none of; use them with method lora, dora or qlora"),
     (["--max-new-tokens", "0"], "--max-new-tokens must be a whole number >= 1"),
     (["--judge-model", "mistral"], "--judge-model names the judge at --judge-url"),
     (["--model-name", "gpt2-small"], "quick mode always trains the 'tiny' model"),
