@@ -46,7 +46,7 @@ FINETUNE = {
 INSTRUCT = {
     "--method": (InstructSettings.METHODS, "default {d.method}"),
     "--model-name": (str, "gpt2-medium (the default), gpt2-small, gpt2-large or gpt2-xl"),
-    "--out": (Path, "run folder, written when complete (default runs/METHOD)"),
+    "--out": (Path, "run folder, written when complete (default runs/instruct-METHOD)"),
     "--rank": (int, "LoRA rank (default {d.DEFAULT_LORA.rank})"),
     "--alpha": (float, "LoRA alpha; updates scale by alpha / rank (default {d.DEFAULT_LORA.alpha:g})"),
     "--loraplus-lr-ratio": (float, "LoRA+: B's learning rate over A's, e.g. 16 (LoRA methods; default none)"),

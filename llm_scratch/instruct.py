@@ -71,6 +71,7 @@ class InstructSettings(RunSettings):
     LEARNING_RATES: ClassVar[dict[str, float]] = LEARNING_RATES
     QUICK_LEARNING_RATES: ClassVar[dict[str, float]] = QUICK_LEARNING_RATES
     DEFAULT_LORA: ClassVar[LoRAConfig] = INSTRUCT_LORA
+    OUT_PREFIX: ClassVar[str] = "instruct-"  # runs/instruct-lora: never a classification run's folder
 
     mask_prompt: bool = False  # the loss on the response's tokens only (the prompt's targets are -100)
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS  # the longest response generated for the test split

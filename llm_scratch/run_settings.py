@@ -54,11 +54,12 @@ class RunSettings:
     LEARNING_RATES: ClassVar[dict[str, float]] = {}  # by method
     QUICK_LEARNING_RATES: ClassVar[dict[str, float]] = {}
     DEFAULT_LORA: ClassVar[LoRAConfig] = LoRAConfig()
+    OUT_PREFIX: ClassVar[str] = ""  # the default run folder is runs/{OUT_PREFIX}{method}
 
     method: str = "lora"
     model_name: str | None = None  # the GPT-2 size; None: DEFAULT_MODEL_NAME, or "tiny" in quick mode
     epochs: int | None = None  # None: EPOCHS, or QUICK_EPOCHS in quick mode
-    out: Path | None = None  # the run folder; None: runs/METHOD
+    out: Path | None = None  # the run folder; None: runs/{OUT_PREFIX}METHOD
     overwrite: bool = False  # replace an existing run in `out` (once the new run is complete)
     lora_config: LoRAConfig | None = None  # rank, alpha, ... (LoRA methods only); None: DEFAULT_LORA
     lr: float | None = None  # None: the method's LEARNING_RATES (or QUICK_LEARNING_RATES)
@@ -137,7 +138,7 @@ class RunSettings:
             model_name=QUICK_PRESET if quick else self.model_name or self.DEFAULT_MODEL_NAME,
             epochs=self.epochs or (self.QUICK_EPOCHS if quick else self.EPOCHS), lora_config=lora,
             lr=self.lr or (self.QUICK_LEARNING_RATES if quick else self.LEARNING_RATES)[self.method],
-            device=str(device_of(self.device)), out=Path(self.out or Path("runs") / self.method),
+            device=str(device_of(self.device)), out=Path(self.out or Path("runs") / f"{self.OUT_PREFIX}{self.method}"),
             # QLoRA saves memory, so it saves the activations' too, as the QLoRA paper and PEFT do
             checkpointing=self.method == "qlora" if self.checkpointing is None else self.checkpointing)
 

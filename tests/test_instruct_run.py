@@ -98,3 +98,14 @@ def test_instruct_options_that_cannot_be_honoured_are_refused(capsys, tmp_path, 
     with pytest.raises(SystemExit):  # argparse: a method instruct does not have
         main(["instruct", "--method", "last-block"])
     assert "invalid choice: 'last-block'" in capsys.readouterr().err
+
+
+def test_instruct_runs_default_to_folders_of_their_own():
+    """`instruct` without --out never lands in a classification run's default folder (runs/lora)."""
+    from llm_scratch.finetune import FinetuneSettings
+
+    for method in ("lora", "full"):
+        instruct_run = InstructSettings(quick=True, method=method, device="cpu").resolved()
+        finetune_run = FinetuneSettings(quick=True, method=method, device="cpu").resolved()
+        assert instruct_run.out == Path(f"runs/instruct-{method}")
+        assert finetune_run.out == Path(f"runs/{method}")

@@ -197,7 +197,9 @@ def test_benchmark_smoke_run_reports_matching_tokens(capsys, benchmark_script):
                                                 "ours, KV cache, usual weight layout",
                                                 "Hugging Face generate (its cache)"}
     assert all(speed > 0 for speed in result["tokens_per_second"].values())
-    assert "| ours, KV cache |" in printed and "greedy tokens of all four identical: True" in printed
+    assert "| ours, KV cache |" in printed and "greedy tokens of all 4 methods identical: True" in printed
+    cached = bench.main(["--smoke", "--threads", "1", "--cached-only"])
+    assert cached["tokens_match"] is True and "ours, no cache" not in cached["tokens_per_second"]
 
 
 # ---- decoding_layout: the weights laid out for matrix-vector products while generating ----
