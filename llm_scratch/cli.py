@@ -23,7 +23,8 @@ from llm_scratch.pretrain import PretrainSettings, pretrain
 SHARED = {
     "--epochs": (int, "default {m.EPOCHS} ({m.QUICK_EPOCHS} in quick mode)"),
     "--lr": (float, "learning rate (default: see {m.__name__})"),
-    "--batch-size": (int, "default {d.batch_size}"), "--seed": (int, "default {d.seed}"),
+    "--batch-size": (int, "default {m.BATCH_SIZE} ({m.QUICK_BATCH_SIZE} in quick mode)"),
+    "--seed": (int, "default {d.seed}"),
     "--device": (str, "cpu, cuda, cuda:N or mps (default: the best available)"),
     "--precision": (PRECISIONS, "fp32 (default), or bf16 / fp16: 16-bit matrix products, float32 weights"),
     "--quick": (None, "tiny model, shipped data, no network (also LLM_SCRATCH_QUICK=1)"),

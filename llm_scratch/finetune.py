@@ -53,6 +53,7 @@ from llm_scratch.run_settings import RunSettings, base_model, load_trained, save
 
 COMMAND = "finetune"
 EPOCHS, QUICK_EPOCHS = 5, 8
+BATCH_SIZE = QUICK_BATCH_SIZE = 8
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,8 @@ class FinetuneSettings(RunSettings):
     METHODS: ClassVar[tuple[str, ...]] = METHODS  # "full", "last-block", "lora" or "dora"
     EPOCHS: ClassVar[int] = EPOCHS
     QUICK_EPOCHS: ClassVar[int] = QUICK_EPOCHS
+    BATCH_SIZE: ClassVar[int] = BATCH_SIZE
+    QUICK_BATCH_SIZE: ClassVar[int] = QUICK_BATCH_SIZE
     LEARNING_RATES: ClassVar[dict[str, float]] = LEARNING_RATES
     QUICK_LEARNING_RATES: ClassVar[dict[str, float]] = QUICK_LEARNING_RATES
     DEFAULT_LORA: ClassVar[LoRAConfig] = CLASSIFIER_LORA  # LoRA beside every Linear, the head trained

@@ -39,6 +39,7 @@ COMMAND = "pretrain"
 # epoch), a validation check every 5 steps. Quick mode trains the tiny preset on windows of 64 tokens: the
 # same tokens per epoch in 4 times as many, cheaper steps, which teach a tiny model more in a few seconds.
 EPOCHS, QUICK_EPOCHS = 10, 10
+BATCH_SIZE = QUICK_BATCH_SIZE = 2  # windows per step
 CONTEXT_LENGTH, QUICK_CONTEXT_LENGTH = 256, 64
 EVAL_EVERY, QUICK_EVAL_EVERY = 5, 20
 # AdamW learning rates by preset. A GPT-2 shape trains stably at 4e-4 from random weights; the tiny model is
@@ -61,7 +62,7 @@ class PretrainSettings:
     epochs: int | None = None  # None: EPOCHS, or QUICK_EPOCHS in quick mode
     context_length: int | None = None  # tokens per window; None: CONTEXT_LENGTH (QUICK_... in quick mode)
     stride: int | None = None  # tokens between window starts; None: context_length (no overlap)
-    batch_size: int = 2  # windows per step
+    batch_size: int = BATCH_SIZE
     lr: float | None = None  # None: PRETRAIN_LEARNING_RATES[model_name]
     seed: int = 123
     device: str | None = None  # None: CUDA, then MPS, then CPU

@@ -51,6 +51,8 @@ class RunSettings:
     DEFAULT_MODEL_NAME: ClassVar[str] = "gpt2-small"
     EPOCHS: ClassVar[int] = 1
     QUICK_EPOCHS: ClassVar[int] = 1
+    BATCH_SIZE: ClassVar[int] = 8
+    QUICK_BATCH_SIZE: ClassVar[int] = 8
     LEARNING_RATES: ClassVar[dict[str, float]] = {}  # by method
     QUICK_LEARNING_RATES: ClassVar[dict[str, float]] = {}
     DEFAULT_LORA: ClassVar[LoRAConfig] = LoRAConfig()
@@ -64,7 +66,7 @@ class RunSettings:
     lora_config: LoRAConfig | None = None  # rank, alpha, ... (LoRA methods only); None: DEFAULT_LORA
     lr: float | None = None  # None: the method's LEARNING_RATES (or QUICK_LEARNING_RATES)
     loraplus_lr_ratio: float | None = None  # LoRA+: B learns at lr x this (LoRA methods); None: plain LoRA
-    batch_size: int = 8
+    batch_size: int | None = None  # None: BATCH_SIZE, or QUICK_BATCH_SIZE in quick mode
     seed: int = 123
     device: str | None = None  # None: CUDA, then MPS, then CPU
     precision: str = "fp32"  # "bf16" or "fp16": forward passes in 16 bits (llm_scratch.precision)
@@ -91,7 +93,7 @@ class RunSettings:
             raise ValueError(f"unknown --model-name {self.model_name!r}; choose one of {', '.join(PRESETS)}")
         for name, low in (("epochs", 1), ("batch_size", 1), ("eval_every", 1), ("seed", 0)):
             value = getattr(self, name)
-            if not (value is None and name == "epochs") and not _whole(value, low, MAX_SEED):
+            if not (value is None and name in ("epochs", "batch_size")) and not _whole(value, low, MAX_SEED):
                 limit = f"from 0 to {MAX_SEED:,} (PyTorch's limit)" if name == "seed" else ">= 1"
                 raise ValueError(f"--{name.replace('_', '-')} must be a whole number {limit}, got {value!r}")
         if self.lr is not None and not (isinstance(self.lr, (int, float)) and 0 < self.lr < math.inf):
@@ -137,8 +139,10 @@ class RunSettings:
             self, quick=quick,
             model_name=QUICK_PRESET if quick else self.model_name or self.DEFAULT_MODEL_NAME,
             epochs=self.epochs or (self.QUICK_EPOCHS if quick else self.EPOCHS), lora_config=lora,
+            batch_size=self.batch_size or (self.QUICK_BATCH_SIZE if quick else self.BATCH_SIZE),
             lr=self.lr or (self.QUICK_LEARNING_RATES if quick else self.LEARNING_RATES)[self.method],
-            device=str(device_of(self.device)), out=Path(self.out or Path("runs") / f"{self.OUT_PREFIX}{self.method}"),
+            device=str(device_of(self.device)),
+            out=Path(self.out or Path("runs") / f"{self.OUT_PREFIX}{self.method}"),
             # QLoRA saves memory, so it saves the activations' too, as the QLoRA paper and PEFT do
             checkpointing=self.method == "qlora" if self.checkpointing is None else self.checkpointing)
 
