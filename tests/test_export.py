@@ -53,23 +53,28 @@ def gpt2_small_run(method: str, hub: Path, out: Path, monkeypatch) -> Path:
     return out
 
 
-def our_probabilities(run: Path) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The run's class probabilities on the quick test split, and the token ids and mask that gave them."""
+def our_probabilities(run: Path) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """The run's class probabilities on the quick test split, and the token ids and mask that gave them, in
+    batches of messages of similar length (less padding to compute than one batch of all 100)."""
     model, record = load_run(run, device="cpu")
-    splits = SpamSplits(QUICK_TEST_SPLIT, QUICK_TEST_SPLIT[:1], QUICK_TEST_SPLIT)
-    loader = spam_dataloaders(splits, batch_size=len(QUICK_TEST_SPLIT), max_length=record.max_length).test
-    batch = next(iter(loader))  # right-padded with end-of-text, as Hugging Face's classifier expects
-    with torch.no_grad():
-        probabilities = last_token_logits(model(batch.input_ids), batch.lengths).softmax(-1)
-    mask = torch.arange(batch.input_ids.shape[1]) < batch.lengths[:, None]
-    return probabilities, batch.input_ids, mask.long()
+    tokenizer = get_tokenizer()
+    by_length = sorted(QUICK_TEST_SPLIT, key=lambda row: len(tokenizer.encode_ordinary(row.text)))
+    splits = SpamSplits(by_length, by_length[:1], by_length)
+    batches = []
+    for batch in spam_dataloaders(splits, batch_size=20, max_length=record.max_length).test:
+        # right-padded with end-of-text, as Hugging Face's classifier expects
+        with torch.no_grad():
+            probabilities = last_token_logits(model(batch.input_ids), batch.lengths).softmax(-1)
+        mask = torch.arange(batch.input_ids.shape[1]) < batch.lengths[:, None]
+        batches.append((probabilities, batch.input_ids, mask.long()))
+    return batches
 
 
 @pytest.mark.parametrize("method", ["lora", "dora", "full", "last-block"])
 def test_an_exported_classifier_gives_the_runs_probabilities_in_hugging_face(method, hub, tmp_path,
                                                                              monkeypatch):
     run = gpt2_small_run(method, hub, tmp_path / method, monkeypatch)
-    ours, input_ids, mask = our_probabilities(run)
+    batches = our_probabilities(run)
     out = export_run(run, tmp_path / "exported")
     if method in ("lora", "dora"):
         base = GPT2ForSequenceClassification.from_pretrained(hub, config=out)  # labels and padding from out
@@ -79,8 +84,12 @@ def test_an_exported_classifier_gives_the_runs_probabilities_in_hugging_face(met
     else:
         hf = GPT2ForSequenceClassification.from_pretrained(out)
     assert hf.config.id2label == {0: "ham", 1: "spam"} and hf.config.pad_token_id == 50256
+    hf.eval()
     with torch.no_grad():
-        theirs = hf.eval()(input_ids=input_ids, attention_mask=mask).logits.softmax(-1)
+        theirs = torch.cat([hf(input_ids=ids, attention_mask=mask).logits.softmax(-1)
+                            for _, ids, mask in batches])  # (100, 2)
+    ours = torch.cat([probabilities for probabilities, _, _ in batches])  # (100, 2)
+    assert ours.shape == (len(QUICK_TEST_SPLIT), 2)
     difference = (theirs - ours).abs().max().item()
     assert difference < 1e-5, difference
     assert torch.equal(theirs.argmax(-1), ours.argmax(-1))
