@@ -26,6 +26,7 @@ import pytest
 
 from llm_scratch import files
 from llm_scratch.cli import main
+from llm_scratch.data.text import load_text
 from llm_scratch.finetune import classify_with_run
 from llm_scratch.run_record import checked_file, read_record, record_path
 
@@ -171,25 +172,34 @@ def test_sigkill_at_random_moments_leaves_the_old_finetune_run_or_the_new_one(ol
 
 
 @pytest.fixture
-def old_pretraining_run(tmp_path) -> Path:
-    """A good quick pretraining run (seed 1, one epoch) at tmp_path/runs/pretrain."""
+def short_story(tmp_path) -> Path:
+    """The story's first 3,000 characters: a pretraining run of a few steps, saving the files a whole run
+    saves."""
+    path = tmp_path / "short_story.txt"
+    path.write_text(load_text()[:3000], encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def old_pretraining_run(tmp_path, short_story) -> Path:
+    """A good quick pretraining run (seed 1, one epoch of the short story) at tmp_path/runs/pretrain."""
     out = tmp_path / "runs" / "pretrain"
-    assert main(["pretrain", "--quick", "--epochs", "1", "--seed", "1", "--out", str(out),
-                 "--no-progress"]) == 0
+    assert main(["pretrain", "--quick", "--epochs", "1", "--seed", "1", "--data-path", str(short_story),
+                 "--out", str(out), "--no-progress"]) == 0
     return out
 
 
 @pytest.mark.slow
-def test_sigkill_at_random_moments_leaves_the_old_pretraining_run_or_the_new_one(snapshot, tmp_path,
-                                                                                old_pretraining_run):
+def test_sigkill_at_random_moments_leaves_the_old_pretraining_run_or_the_new_one(
+        snapshot, tmp_path, short_story, old_pretraining_run):
     """20 kills (-9) of `pretrain --overwrite` over a good run: each time the folder holds the old run byte
     for byte, or the new one whole (every file the reference re-run wrote, the same bytes where the run is
     deterministic, the record's checksums right), never a mix."""
     old = snapshot(old_pretraining_run)
 
     def args_for(out: Path) -> list:
-        return ["pretrain", "--quick", "--epochs", "1", "--seed", "2", "--no-progress", "--out", out,
-                "--overwrite"]
+        return ["pretrain", "--quick", "--epochs", "1", "--seed", "2", "--data-path", short_story,
+                "--no-progress", "--out", out, "--overwrite"]
 
     def which_run(folder: Path) -> str:
         files = snapshot(folder)
