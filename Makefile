@@ -48,10 +48,11 @@ figures: $(VENV)/.installed
 		$(BIN)/jupyter nbconvert --to notebook --execute --output-dir runs/notebooks $(FIGURE_NOTEBOOKS)
 
 # Two test processes side by side (pytest-xdist), one thread each; TEST_WORKERS=0 runs them in this process.
+# The 20 slowest tests are listed at the end (benchmarks/RESULTS.md has the times per file).
 TEST_WORKERS ?= 2
 test: $(VENV)/.installed-test
 	$(BIN)/python -m ruff check .
-	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist worksteal
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist worksteal --durations=20
 
 lint: $(VENV)/.installed-test
 	$(BIN)/python -m ruff check .
