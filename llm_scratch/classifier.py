@@ -82,8 +82,8 @@ def accuracy(model: nn.Module, loader, max_batches: int | None = None) -> float:
 def wilson_interval(successes: int, total: int, confidence: float = 0.95) -> tuple[float, float]:
     """The Wilson score interval (low, high) of a share `successes / total`, e.g. a test accuracy.
 
-    With 300 test messages one message is 0.33 points, and the 95% interval around 96% spans about 4 points:
-    the interval says how far a second test set of the same size could plausibly land.
+    With 300 test messages one message is 0.33 points, and the 95% interval around 96% spans 4.6 points
+    (93.1-97.7%): the interval says how far a second test set of the same size could plausibly land.
     """
     if not 0 <= successes <= total or total < 1:
         raise ValueError(f"need 0 <= successes <= total and total >= 1, got {successes} of {total}")

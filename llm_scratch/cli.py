@@ -98,7 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
     cls.add_argument("texts", nargs="+", help="one or more messages; put -- before them if one starts "
                                               "with '-': classify --run DIR -- '-50%% off today'")
     export = commands.add_parser("export", help="write a run in Hugging Face's formats (transformers, PEFT)")
-    export.add_argument("--run", type=Path, required=True, help="the folder a finetune or pretrain run wrote")
+    export.add_argument("--run", type=Path, required=True,
+                        help="the folder a finetune, instruct or pretrain run wrote")
     export.add_argument("--out", type=Path, required=True, help="the folder to write, when complete")
     export.add_argument("--overwrite", action="store_true", help="replace an export already in --out")
     return parser

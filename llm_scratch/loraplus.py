@@ -6,7 +6,7 @@ rate, whatever the size of its gradient. A step on A changes the output through 
 in_dim terms that the gradient has aligned with x: its effect grows with the width. A step on B changes it
 through (x A) dB, which sums only `rank` terms: its effect does not grow. So with one learning rate, B (which
 starts at zero) learns too slowly in wide layers; LoRA+ gives B a learning rate `loraplus_lr_ratio` times
-A's (16 is the usual choice): the same cost per step, usually faster training. Notebook 06 measures it.
+A's (16 is the usual choice): the same cost per step, usually faster training. Notebook 07 measures it.
 
     groups = loraplus_param_groups(model, lr=5e-4, loraplus_lr_ratio=16)
     torch.optim.AdamW(groups, lr=5e-4, weight_decay=0.01)       # or train(..., param_groups=groups)
