@@ -6,7 +6,7 @@ greedy continuation of one random prompt; the methods take turns so that a noisy
 and the table shows medians over the repeats after one warm-up run each.
 
     python benchmarks/bench_generate.py                # gpt2-small shape, 10-token prompt, 200 new tokens
-    python benchmarks/bench_generate.py --cached-only  # cached methods only: is decoding_layout worth it?
+    python benchmarks/bench_generate.py --cached-only  # ours with the cache against Hugging Face only
     python benchmarks/bench_generate.py --smoke        # tiny shape, a few tokens: checks that it runs (CI)
 
 The table made by hand, with its command and machine, is in benchmarks/RESULTS.md.
@@ -15,7 +15,6 @@ The table made by hand, with its command and machine, is in benchmarks/RESULTS.m
 from __future__ import annotations
 
 import argparse
-import importlib
 import shlex
 import statistics
 import sys
@@ -29,9 +28,6 @@ from common import machine_description, median_ratio, times_in_turn  # benchmark
 from llm_scratch import PRESETS, generate
 from llm_scratch.pretrained import load_gpt2
 
-generate_module = importlib.import_module("llm_scratch.generate")  # the module: the package's `generate` is
-# the function
-
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -42,8 +38,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch CPU threads")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights and prompt")
     parser.add_argument("--cached-only", action="store_true",
-                        help="leave out the slow generation without a cache (ours with and without the "
-                             "decoding layout, and Hugging Face, alternate)")
+                        help="leave out the slow generation without a cache (ours with the cache and "
+                             "Hugging Face alternate)")
     parser.add_argument("--smoke", action="store_true",
                         help="tiny shape, 8 new tokens, 1 repeat: only checks that everything runs")
     args = parser.parse_args(argv)
@@ -102,18 +98,9 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> dict:
         return hf.generate(prompt, attention_mask=torch.ones_like(prompt), pad_token_id=0, do_sample=False,
                            max_new_tokens=n, min_new_tokens=n, use_cache=True)
 
-    def usual_layout(n: int) -> torch.Tensor:  # the KV cache without `decoding_layout`
-        saved = generate_module.DECODING_LAYOUT_MIN_TOKENS
-        generate_module.DECODING_LAYOUT_MIN_TOKENS = n + 1
-        try:
-            return generate(ours, prompt, n, cfg.context_length, use_cache=True)
-        finally:
-            generate_module.DECODING_LAYOUT_MIN_TOKENS = saved
-
     methods: dict[str, Callable[[int], torch.Tensor]] = {
         "ours, no cache": lambda n: generate(ours, prompt, n, cfg.context_length, use_cache=False),
         "ours, KV cache": lambda n: generate(ours, prompt, n, cfg.context_length, use_cache=True),
-        "ours, KV cache, usual weight layout": usual_layout,
         "Hugging Face generate (its cache)": hf_generate,
     }
     if args.cached_only:
@@ -141,13 +128,10 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> dict:
         runs = ", ".join(f"{t:.2f}" for t in seconds[name])
         print(f"| {name} | {speed[name]:.1f} | {statistics.median(seconds[name]):.2f} | {runs} | "
               f"{speed[name] / base:.2f}x | {'yes' if match[name] else 'NO'} |")
-    cached, usual = "ours, KV cache", "ours, KV cache, usual weight layout"
-    hf_name = "Hugging Face generate (its cache)"
+    cached, hf_name = "ours, KV cache", "Hugging Face generate (its cache)"
     per_round = median_ratio(seconds[hf_name], seconds[cached])
-    layout = median_ratio(seconds[usual], seconds[cached])
     print(f"\nours with KV cache / Hugging Face generate: {speed[cached] / speed[hf_name]:.2f}x (ratio of "
           f"the medians); {per_round:.2f}x (median of the per-run ratios)")
-    print(f"ours with KV cache, decoding layout / usual layout: {layout:.2f}x (median of the per-run ratios)")
     print(f"\nMachine: {machine_description()}  ")
     print(f"Command: `{command.strip()}`")
     print(f"\ngreedy tokens of all {len(names)} methods identical: {tokens_match}")

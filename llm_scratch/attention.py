@@ -113,9 +113,6 @@ class MultiHeadAttention(nn.Module):
         self.W_value = nn.Linear(d_in, d_out, bias=qkv_bias)
         self.out_proj = nn.Linear(d_out, d_out)  # mixes what the heads found
         self.dropout = nn.Dropout(dropout)
-        # The three weights and biases side by side, (3 * d_out, d_in) and (3 * d_out,): set only while
-        # `generate` decodes (`llm_scratch.generate.decoding_layout`): one matrix product gives all three.
-        self.fused_qkv: tuple[torch.Tensor, torch.Tensor | None] | None = None
 
     def split_heads(self, x: torch.Tensor) -> torch.Tensor:
         """(batch, n_tokens, d_out) -> (batch, n_heads, n_tokens, head_dim)."""
@@ -127,10 +124,8 @@ class MultiHeadAttention(nn.Module):
         they attend to the cached earlier tokens and to each other, and their keys and values join the cache.
         """
         batch, n_tokens, _ = x.shape  # (batch, n_tokens, d_in)
-        if self.fused_qkv is None:  # each (batch, n_tokens, d_out)
-            queries, keys, values = self.W_query(x), self.W_key(x), self.W_value(x)
-        else:
-            queries, keys, values = F.linear(x, *self.fused_qkv).split(self.d_out, dim=-1)
+        # each (batch, n_tokens, d_out)
+        queries, keys, values = self.W_query(x), self.W_key(x), self.W_value(x)
         queries = self.split_heads(queries)  # (batch, n_heads, n_tokens, head_dim)
         keys, values = self.split_heads(keys), self.split_heads(values)
         n_cached = 0

@@ -2,18 +2,10 @@
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
-
 import torch
 from torch import nn
 
-from llm_scratch.attention import MultiHeadAttention
 from llm_scratch.model import eval_mode
-
-# A cached generation of at least this many new tokens on a CPU runs in `decoding_layout`; a shorter one would
-# spend more time re-laying out the weights than it saves (benchmarks/RESULTS.md).
-DECODING_LAYOUT_MIN_TOKENS = 64
 
 
 def generate(
@@ -33,8 +25,7 @@ def generate(
     softmax(logits / temperature), restricted to the `top_k` most likely tokens if given. Only the last
     `context_size` tokens are fed to the model. Generation stops early once every sequence's next token
     is `eos_id`. `seed` makes sampling reproducible. `use_cache=True` keeps each layer's keys and values
-    (a KV cache, see `GPTModel.new_kv_cache`), so each step computes only the new token: same tokens, faster;
-    on a CPU, a long cached generation also runs in `decoding_layout`.
+    (a KV cache, see `GPTModel.new_kv_cache`), so each step computes only the new token: same tokens, faster.
     """
     if idx.dim() != 2:
         raise ValueError(f"idx must have shape (batch, n_tokens), got {tuple(idx.shape)}")
@@ -55,8 +46,7 @@ def generate(
     if seed is not None:
         generator = torch.Generator(device=idx.device).manual_seed(seed)
 
-    layout = layout_for(model, idx.device, max_new_tokens) if cache is not None else contextlib.nullcontext()
-    with eval_mode(model), torch.no_grad(), layout:  # no dropout while generating
+    with eval_mode(model), torch.no_grad():  # no dropout while generating
         for _ in range(max_new_tokens):
             if cache is not None and idx.shape[1] <= context_size:
                 # Feed only the tokens the cache has not seen yet: the whole prompt at the first step,
@@ -72,58 +62,6 @@ def generate(
                 break
             idx = torch.cat([idx, idx_next], dim=1)  # (batch, n_tokens + 1)
     return idx
-
-
-def layout_for(model: nn.Module, device: torch.device,
-               max_new_tokens: int) -> contextlib.AbstractContextManager:
-    """`decoding_layout(model)` where a cached generation gains from it (on a CPU, at least
-    `DECODING_LAYOUT_MIN_TOKENS` new tokens), else a context that changes nothing. Entered once around many
-    short generations, it lays the weights out once for all of them (`generate` then leaves them as they are).
-    """
-    if device.type == "cpu" and max_new_tokens >= DECODING_LAYOUT_MIN_TOKENS:
-        return decoding_layout(model)
-    return contextlib.nullcontext()
-
-
-@contextlib.contextmanager
-def decoding_layout(model: nn.Module) -> Iterator[nn.Module]:
-    """Inside the `with` block, every `nn.Linear` weight of `model` is stored transposed in memory, input by
-    input: the (in, out) layout of Hugging Face GPT-2's `Conv1D`; and each attention layer computes its query,
-    key and value with one matrix product, their weights side by side. The weights keep their shapes and
-    values, so the model computes the same; afterwards the usual layout comes back.
-
-    Why: with a KV cache, each step multiplies one token's vector by every weight matrix, a matrix-vector
-    product whose speed is how fast the weights stream from memory. On the CPUs measured, PyTorch reads the
-    (in, out) layout about 15% faster, and one product is faster than three. Re-laying out gpt2-small's 124
-    million weights takes about 0.25 s each way, which a generation of 50 tokens or more repays
-    (benchmarks/RESULTS.md). Nested in another `decoding_layout` of the same model, it changes nothing.
-    """
-    if getattr(model, "_in_decoding_layout", False):  # inside an enclosing `with`: laid out already
-        yield model
-        return
-    linears = [module for module in model.modules() if isinstance(module, nn.Linear)]
-    fused = [module for module in model.modules() if isinstance(module, MultiHeadAttention)
-             and all(type(linear) is nn.Linear for linear in (module.W_query, module.W_key, module.W_value))]
-    model._in_decoding_layout = True
-    try:
-        for attention in fused:
-            projections = (attention.W_query, attention.W_key, attention.W_value)
-            weight = torch.cat([linear.weight for linear in projections])  # (3 * d_out, d_in)
-            weight = weight.t().contiguous().t()  # the same matrix, stored column by column: (in, out) rows
-            for i, linear in enumerate(projections):  # each weight becomes a view of its rows of `weight`
-                linear.weight.data = weight[i * attention.d_out : (i + 1) * attention.d_out]
-            biases = [linear.bias for linear in projections]
-            attention.fused_qkv = (weight, None if biases[0] is None else torch.cat(biases))
-        for linear in linears:
-            if linear.weight.is_contiguous():  # not yet laid out (query, key and value are, above)
-                linear.weight.data = linear.weight.data.t().contiguous().t()
-        yield model
-    finally:
-        model._in_decoding_layout = False
-        for attention in fused:
-            attention.fused_qkv = None
-        for linear in linears:
-            linear.weight.data = linear.weight.data.contiguous()  # PyTorch's usual row-by-row layout again
 
 
 def next_token(

@@ -17,7 +17,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from llm_scratch.data.instruction import InstructionEntry, format_alpaca
-from llm_scratch.generate import generate, layout_for
+from llm_scratch.generate import generate
 from llm_scratch.tokenizer import EOS_ID, get_tokenizer
 
 # Over twice the longest reference response of the shipped data (50 tokens). After the longest prompt (65
@@ -67,17 +67,12 @@ def respond(model: nn.Module, instruction: str, input_text: str = "",
 def generate_responses(model: nn.Module, entries: Sequence[InstructionEntry],
                        max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
                        tokenizer: tiktoken.Encoding | None = None, progress: bool = True) -> list[Response]:
-    """The model's response to every entry, in order, with a progress bar; for scoring against the references.
-
-    On a CPU the weights are laid out for decoding once for all the entries (`generate.layout_for`).
-    """
+    """The model's response to every entry, in order, with a progress bar: to score against the references."""
     tokenizer = tokenizer or get_tokenizer()
-    device = next(model.parameters()).device
     responses = []
-    with layout_for(model, device, max_new_tokens):
-        for entry in tqdm(entries, desc="responses", disable=not progress):
-            prompt_ids = tokenizer.encode_ordinary(format_alpaca(entry.instruction, entry.input))
-            new_ids, ended = generate_response_ids(model, prompt_ids, max_new_tokens)
-            responses.append(Response(entry.instruction, entry.input, entry.output, tokenizer.decode(new_ids),
-                                      ended))
+    for entry in tqdm(entries, desc="responses", disable=not progress):
+        prompt_ids = tokenizer.encode_ordinary(format_alpaca(entry.instruction, entry.input))
+        new_ids, ended = generate_response_ids(model, prompt_ids, max_new_tokens)
+        response = tokenizer.decode(new_ids)
+        responses.append(Response(entry.instruction, entry.input, entry.output, response, ended))
     return responses

@@ -4,7 +4,6 @@ targets, the masked loss against a hand computation, a short training run, and g
 from __future__ import annotations
 
 import hashlib
-import importlib
 import json
 import math
 from pathlib import Path
@@ -259,17 +258,3 @@ def test_a_model_that_chooses_end_of_text_gives_an_empty_response_that_ended():
     assert result.response == "" and result.ended_with_eos
     with pytest.raises(ValueError, match="the instruction is empty"):
         respond(model, "  ")
-
-
-def test_generate_responses_lays_the_weights_out_once_for_all_entries(monkeypatch):
-    generate_module = importlib.import_module("llm_scratch.generate")  # llm_scratch.generate is the function
-
-    entered = []
-    real_layout = generate_module.decoding_layout
-    monkeypatch.setattr(generate_module, "decoding_layout", lambda m: entered.append(m) or real_layout(m))
-    model = tiny_model()
-    n_new = generate_module.DECODING_LAYOUT_MIN_TOKENS
-    generate_responses(model, ENTRIES[:2], max_new_tokens=n_new, progress=False)
-    # Entered by generate_responses once, and by each generate call nested in it, which changes nothing.
-    assert len(entered) == 3 and all(param.is_contiguous() for param in model.parameters())
-

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
-
 import pytest
 import torch
 from torch import nn
@@ -194,96 +191,8 @@ def test_benchmark_smoke_run_reports_matching_tokens(capsys, benchmark_script):
     printed = capsys.readouterr().out
     assert result["tokens_match"] is True
     assert set(result["tokens_per_second"]) == {"ours, no cache", "ours, KV cache",
-                                                "ours, KV cache, usual weight layout",
                                                 "Hugging Face generate (its cache)"}
     assert all(speed > 0 for speed in result["tokens_per_second"].values())
-    assert "| ours, KV cache |" in printed and "greedy tokens of all 4 methods identical: True" in printed
+    assert "| ours, KV cache |" in printed and "greedy tokens of all 3 methods identical: True" in printed
     cached = bench.main(["--smoke", "--threads", "1", "--cached-only"])
     assert cached["tokens_match"] is True and "ours, no cache" not in cached["tokens_per_second"]
-
-
-# ---- decoding_layout: the weights laid out for matrix-vector products while generating ----
-
-def test_decoding_layout_computes_the_same_and_puts_every_weight_back():
-    from llm_scratch.generate import decoding_layout
-
-    model = tiny_model()
-    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
-    ids = random_ids(2, 12)
-    with torch.no_grad():
-        usual = model(ids)
-        with decoding_layout(model):
-            attention = model.blocks[0].att
-            assert attention.fused_qkv is not None and attention.fused_qkv[0].shape == (3 * 64, 64)
-            # Same shapes and values, stored input by input; query, key and value are rows of one matrix.
-            assert attention.W_key.weight.shape == (64, 64) and attention.W_key.weight.stride() == (1, 3 * 64)
-            assert model.blocks[1].ff.fc1.weight.stride() == (1, 4 * 64)
-            assert model.out_head.weight is model.tok_emb.weight  # still tied
-            laid_out = model(ids)
-    assert (laid_out - usual).abs().max().item() < TOL
-    assert all(param.is_contiguous() for param in model.parameters())
-    assert all(block.att.fused_qkv is None for block in model.blocks)
-    after = model.state_dict()
-    assert list(after) == list(before) and all(torch.equal(after[k], before[k]) for k in before)
-
-
-def test_decoding_layout_is_undone_when_the_block_raises():
-    from llm_scratch.generate import decoding_layout
-
-    model = tiny_model()
-    with pytest.raises(KeyboardInterrupt), decoding_layout(model):
-        raise KeyboardInterrupt
-    assert all(param.is_contiguous() for param in model.parameters())
-    assert all(block.att.fused_qkv is None for block in model.blocks)
-
-
-def test_a_long_cached_generation_uses_the_layout_and_gives_the_same_tokens(monkeypatch):
-    generate_module = importlib.import_module("llm_scratch.generate")  # llm_scratch.generate is the function
-
-    model, prompt = tiny_model(), random_ids(1, 5)
-    entered = []
-    real_layout = generate_module.decoding_layout
-
-    def counting_layout(m):
-        entered.append(m)
-        return real_layout(m)
-
-    monkeypatch.setattr(generate_module, "decoding_layout", counting_layout)
-    n_new = generate_module.DECODING_LAYOUT_MIN_TOKENS
-    plain = generate(model, prompt, n_new, context_size=256, use_cache=False)
-    cached = generate(model, prompt, n_new, context_size=256, use_cache=True)
-    assert entered == [model]  # only the cached generation, long enough, on the CPU
-    assert torch.equal(cached, plain) and cached.shape == (1, 5 + n_new)
-    generate(model, prompt, n_new - 1, context_size=256, use_cache=True)
-    assert entered == [model]  # a shorter one does not pay for the layout
-
-
-def test_decoding_layout_leaves_lora_projections_unfused_and_computes_the_same():
-    from llm_scratch.generate import decoding_layout
-    from llm_scratch.lora import LoRAConfig, replace_linear_with_lora
-
-    model = tiny_model()
-    replace_linear_with_lora(model, LoRAConfig(rank=2, alpha=2.0, target_modules=("W_query",)))
-    for name, param in model.named_parameters():
-        if name.endswith("lora.B"):
-            nn.init.normal_(param, std=0.1)  # a LoRA update that changes the output
-    ids = random_ids(1, 9)
-    with torch.no_grad():
-        usual = model(ids)
-        with decoding_layout(model):
-            assert all(block.att.fused_qkv is None for block in model.blocks)  # W_query is not a plain Linear
-            laid_out = model(ids)
-    assert (laid_out - usual).abs().max().item() < TOL
-
-
-def test_a_nested_decoding_layout_changes_nothing_and_the_outer_one_undoes_it():
-    from llm_scratch.generate import decoding_layout
-
-    model = tiny_model()
-    fc1 = model.blocks[0].ff.fc1
-    with decoding_layout(model):
-        with decoding_layout(model):
-            pass
-        assert not fc1.weight.is_contiguous() and model.blocks[0].att.fused_qkv is not None  # still laid out
-    assert all(param.is_contiguous() for param in model.parameters())
-    assert all(block.att.fused_qkv is None for block in model.blocks)
