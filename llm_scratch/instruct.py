@@ -49,9 +49,9 @@ COMMAND = "instruct"
 METHODS = ("full", "lora", "dora", "qlora")
 # The reference course's recipe for full fine-tuning: GPT-2 medium, 2 epochs, batches of 8, AdamW at 5e-5.
 # LoRA trains new matrices from B = 0 and takes a 10 times larger step, as for classification. Quick mode
-# trains the tiny random model from scratch, which needs larger steps still, and many of them: one epoch in
-# batches of 2 at 3e-3 takes its test loss on response tokens to 0.48 of its start, in 40% of the time that
-# 2 epochs in batches of 8 at 5e-3 took to reach 0.46 (batches of 2 at 2e-3 and 5e-3 reached 0.49).
+# trains the tiny random model from scratch, which needs larger steps still, and many of them: one epoch of
+# full fine-tuning in batches of 2 at 3e-3 takes its test loss on response tokens to 0.48 of its start, in 40%
+# of the time 2 epochs in batches of 8 at 5e-3 took to reach 0.46 (batches of 2 at 2e-3 and 5e-3: 0.49).
 DEFAULT_MODEL_NAME, EPOCHS, QUICK_EPOCHS = "gpt2-medium", 2, 1
 BATCH_SIZE, QUICK_BATCH_SIZE = 8, 2
 LEARNING_RATES = {"full": 5e-5, "lora": 5e-4, "dora": 5e-4, "qlora": 5e-4}
