@@ -20,8 +20,9 @@ life (building included) is shown too.
 
 Time: LoRA, QLoRA and QLoRA with checkpointing step in turn in one process; a ratio is the median of the
 per-round ratios, so a busy moment of the machine slows both sides alike. fp32, and bf16 under autocast where
-the CPU has bfloat16 arithmetic. The profile (torch.profiler, one fp32 step of each after a warm-up) splits
-QLoRA's time into dequantization in forward, dequantization in backward, matrix products and the rest.
+the CPU has bfloat16 arithmetic. The profile (torch.profiler, one fp32 step of each timed model after a
+warm-up) splits a step's time into dequantization in forward, dequantization in backward, matrix products and
+the rest.
 
 On the 2-core build machine, shared and busy, the eight memory processes took 52 minutes and one fp32 round
 of the three steps 10 minutes (a run makes 4 rounds per precision); progress goes to stderr.
@@ -200,7 +201,7 @@ def main(argv: list[str] | None = None) -> dict:
     times = {precision: step_times(cfg, args, precision) for precision in precisions}
     ratios = {precision: {name: median_ratio(t[name], t["LoRA"]) for name in TIMED_MODELS[1:]}
               for precision, t in times.items()}
-    profiles = {name: step_profile(name, cfg, args) for name in ("LoRA", "QLoRA")}
+    profiles = {name: step_profile(name, cfg, args) for name in TIMED_MODELS}
     results = {"memory": memory, "step_times": times, "ratios": ratios, "profile_s": profiles,
                "step_s": {p: medians(t) for p, t in times.items()}}
     print(report(results, args, command))
@@ -233,10 +234,12 @@ def report(r: dict, args: argparse.Namespace, command: str) -> str:
         lines += [f"| {name} ({precision}) | {seconds:.3f} s | "
                   f"{'-' if name == 'LoRA' else format(r['ratios'][precision][name], '.2f')} |"
                   for name, seconds in models.items()]
-    lines += ["", "Where the time of one fp32 step goes (torch.profiler, self CPU time):", "",
-              "| part | QLoRA | LoRA |", "|---|---:|---:|"]
-    qlora, lora = r["profile_s"]["QLoRA"], r["profile_s"]["LoRA"]
-    lines += [f"| {part} | {qlora[part]:.3f} s | {lora[part]:.3f} s |" for part in qlora]
+    lines += ["", "Where the time of one fp32 step goes (torch.profiler, self CPU time; with checkpointing, "
+              "backward includes the forward it recomputes):", "",
+              "| part | " + " | ".join(TIMED_MODELS) + " |", "|---|" + "---:|" * len(TIMED_MODELS)]
+    profiles = r["profile_s"]
+    lines += [f"| {part} | " + " | ".join(f"{profiles[name][part]:.3f} s" for name in TIMED_MODELS) + " |"
+              for part in profiles["LoRA"]]
     return "\n".join(lines)
 
 

@@ -233,11 +233,16 @@ def test_bench_qlora_smoke(capsys, benchmark_script):
         assert rows[f"QLoRA ({precision})"] == [f"{statistics.median(times['QLoRA']):.3f} s",
                                                 f"{statistics.median(per_round):.2f}"]
     # The profile: QLoRA dequantizes in forward and again in backward, LoRA never; the parts add up.
-    qlora, lora = results["profile_s"]["QLoRA"], results["profile_s"]["LoRA"]
-    assert qlora["dequantization in forward"] > 0 and qlora["dequantization in backward"] > 0
-    assert lora["dequantization in forward"] == lora["dequantization in backward"] == 0
-    for parts in (qlora, lora):
+    profiles = results["profile_s"]
+    assert list(profiles) == list(bench.TIMED_MODELS)
+    dequantization = {name: (parts["dequantization in forward"], parts["dequantization in backward"])
+                      for name, parts in profiles.items()}
+    assert dequantization["LoRA"] == (0, 0)
+    assert all(min(dequantization[name]) > 0 for name in bench.TIMED_MODELS[1:])
+    for parts in profiles.values():
         assert math.isclose(sum(v for k, v in parts.items() if k != "total"), parts["total"], rel_tol=1e-9)
+    for part in profiles["LoRA"]:
+        assert rows[part] == [f"{profiles[name][part]:.3f} s" for name in bench.TIMED_MODELS]
 
 
 def test_bench_qlora_builds_the_4_bit_model_block_by_block_with_the_same_trained_parameters(benchmark_script):
