@@ -103,7 +103,8 @@ def _train_into(folder: Path, settings: FinetuneSettings) -> dict:
     device = torch.device(settings.device)
     splits = load_spam_splits(data_path=settings.data_path, quick=settings.quick, seed=settings.seed)
     base = base_model(settings, folder)
-    model = load_base(base, folder, device, command=COMMAND, verify=False)  # hashed just now: once is enough
+    model = load_base(base, folder, device, command=COMMAND, verify=False,  # hashed just now: once is enough
+                      lora_config=settings.lora_config)
     add_classification_head(model, num_classes=len(LABELS), seed=settings.seed)
     prepare_for_method(model, settings.method, settings.lora_config, seed=settings.seed)
     model.checkpointing = settings.checkpointing
@@ -165,7 +166,8 @@ def load_run(run_dir: Path, device: str | None = None) -> tuple[GPTModel, RunRec
         raise ValueError(f"{record_path(run_dir)}: method {record.method!r}, labels or max_length do not "
                          f"describe a classifier of {', '.join(METHODS)}; the file was edited: run "
                          f"{COMMAND} again")
-    model = load_base(record.base, run_dir, pick_device(device), command=COMMAND)
+    model = load_base(record.base, run_dir, pick_device(device), command=COMMAND,
+                      lora_config=record.lora_config)
     add_classification_head(model, num_classes=len(record.labels))
     load_trained(model, record, run_dir)
     return model.eval(), record

@@ -119,7 +119,8 @@ def _train_into(folder: Path, settings: InstructSettings) -> dict:
     device = torch.device(settings.device)
     splits = load_instruction_splits(settings.data_path, quick=settings.quick)
     base = base_model(settings, folder)
-    model = load_base(base, folder, device, command=COMMAND, verify=False)  # hashed just now: once is enough
+    model = load_base(base, folder, device, command=COMMAND, verify=False,  # hashed just now: once is enough
+                      lora_config=settings.lora_config)
     prepare_for_method(model, settings.method, settings.lora_config, seed=settings.seed)
     model.checkpointing = settings.checkpointing
     groups = None if settings.loraplus_lr_ratio is None else loraplus_param_groups(
@@ -189,7 +190,8 @@ def load_instruct_run(run_dir: str | Path, device: str | None = None) -> tuple[G
     checked against the record (see `llm_scratch.finetune.load_run`)."""
     run_dir = Path(run_dir)
     record = read_record(run_dir, COMMAND)
-    model = load_base(record.base, run_dir, pick_device(device), command=COMMAND)
+    model = load_base(record.base, run_dir, pick_device(device), command=COMMAND,
+                      lora_config=record.lora_config)
     load_trained(model, record, run_dir)
     return model.eval(), record
 

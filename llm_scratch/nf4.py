@@ -23,6 +23,7 @@ only this 4-bit state and dequantizes its weight when it computes, in forward an
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from functools import cache
 from statistics import NormalDist
 
@@ -261,8 +262,10 @@ class LinearNF4(nn.Module):
                 f"bias={self.bias is not None}, {quant}")
 
 
-def quantize_linears(module: nn.Module, double_quant: bool = True) -> list[str]:
-    """Replace every `nn.Linear` inside `module` by its `LinearNF4`, in place; return their names.
+def quantize_linears(module: nn.Module, names: Iterable[str] | None = None,
+                     double_quant: bool = True) -> list[str]:
+    """Replace the `nn.Linear` layers inside `module` that `names` lists (default: every one) by their
+    `LinearNF4`, in place; return their names.
 
     Quantizing one transformer block at a time (`quantize_linears(model.blocks[i])`) never holds more than
     that block in full precision. Not for a module whose Linear shares its weight (GPT-2's tied head).
@@ -270,7 +273,12 @@ def quantize_linears(module: nn.Module, double_quant: bool = True) -> list[str]:
     if isinstance(module, nn.Linear):
         raise ValueError("quantize_linears replaces the Linear layers inside a module; for one layer use "
                          "LinearNF4.from_linear(linear)")
-    names = [name for name, child in module.named_modules() if isinstance(child, nn.Linear)]
+    linears = [name for name, child in module.named_modules() if isinstance(child, nn.Linear)]
+    names = linears if names is None else list(names)
+    unknown = [name for name in names if name not in linears]
+    if unknown:
+        raise ValueError(f"quantize_linears: {unknown[:3]} name no nn.Linear inside the module; its Linear "
+                         f"layers: {linears[:4]}{', ...' if len(linears) > 4 else ''}")
     for name in names:
         parent, _, child = name.rpartition(".")
         holder = module.get_submodule(parent) if parent else module

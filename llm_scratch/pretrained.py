@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import itertools
 import json
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
 from huggingface_hub import constants as hf_constants
 from huggingface_hub import hf_hub_download
 from safetensors import safe_open
+from torch import nn
 
 from llm_scratch.checkpoint import (
     HF_CONFIG_FILE,
@@ -30,6 +32,7 @@ from llm_scratch.checkpoint import (
 from llm_scratch.config import PRESETS, GPTConfig, pick_device
 from llm_scratch.files import require_finite, save_safetensors
 from llm_scratch.model import GPTModel
+from llm_scratch.nf4 import quantize_linears
 
 # The four sizes OpenAI released, as Hugging Face hosts them (safetensors files, no TensorFlow needed).
 HF_REPOS: dict[str, str] = {
@@ -69,13 +72,19 @@ def load_gpt2(
     weights_path: str | Path | None = None,
     cache_dir: str | Path | None = None,
     device: str | torch.device = "cpu",
+    nf4_layers: Iterable[str] = (),
 ) -> GPTModel:
     """A `GPTModel` holding GPT-2's pretrained weights, in eval mode.
 
     Without `weights_path`: downloads (once, then cached) the Hugging Face file of `model_name` (default
     "gpt2-small"). With `weights_path`: reads that file; `model_name` (any preset) is then optional, and if
-    given, is checked against the file. Every tensor is checked before anything is built (ValueError): names,
-    shapes, no NaN or infinity. Half-precision files (float16 or bfloat16 copies of GPT-2) load as float32.
+    given, is checked against the file. Every tensor is checked (ValueError names the first bad one): names
+    and shapes before any is read, then no NaN or infinity. Half-precision files (float16 or bfloat16 copies
+    of GPT-2) load as float32.
+
+    `nf4_layers` names Linear layers of the blocks ("blocks.0.att.W_query", ...) to store in 4-bit NF4 as
+    they are read (QLoRA's base): each becomes the `LinearNF4.from_linear` of its weights, and the process
+    never holds more than one block of them in float32.
     """
     device = pick_device(str(device))  # a clear error now for a device this machine lacks
     if weights_path is None:
@@ -84,6 +93,50 @@ def load_gpt2(
         path = Path(weights_path)
         if model_name is not None and model_name not in PRESETS:
             raise ValueError(f"unknown preset {model_name!r}; valid presets: {', '.join(PRESETS)}")
+    cfg, file_key = _checked_layout(path, model_name)  # all names and shapes are right from here on
+
+    # Build on the meta device (shapes only, no memory, no random init), then take the loaded tensors as
+    # the parameters themselves (assign=True) instead of copying them into freshly allocated ones.
+    with torch.device("meta"):
+        model = GPTModel(cfg)
+    to_quantize = _block_linears(model, nf4_layers)
+
+    # Read tensor by tensor. safetensors maps the file into memory, and every page read counts in the
+    # process's memory until the file is closed; so the file is opened once per block (the embeddings, each
+    # transformer block, the final norm): we hold the weights converted so far plus one block's pages of
+    # the file, never two full copies. (Opening it once per tensor would cost ~10 ms x 580 for gpt2-xl.)
+    for _, rules in itertools.groupby(gpt2_mapping(cfg), key=lambda rule: block_of(rule.hf_key)):
+        part: dict[str, torch.Tensor] = {}
+        with safe_open(path, framework="pt") as f:
+            for rule in rules:
+                ours = hf_to_ours(rule, _as_float32(f.get_tensor(file_key[rule.hf_key]), rule.hf_key, path))
+                part.update({key: tensor.to(device) for key, tensor in ours.items()})
+        model.load_state_dict(part, strict=False, assign=True)
+        read = [name for name in to_quantize if not model.get_submodule(name).weight.is_meta]
+        quantize_linears(model, read)  # this block's float32 weights are freed here
+        to_quantize = [name for name in to_quantize if name not in read]
+    model.out_head.weight = model.tok_emb.weight  # GPT-2's output head is its token embedding
+    unread = [name for name, tensor in itertools.chain(model.named_parameters(), model.named_buffers())
+              if tensor.is_meta]
+    if unread:  # check_layout has checked every name; this would be a mapping that misses one
+        raise RuntimeError(f"{path}: no tensor was read for {unread[:3]}")
+    if "lm_head.weight" in file_key:  # a stored copy of the tied head
+        _check_tied_head(path, file_key["lm_head.weight"], model.tok_emb.weight)
+    return model.eval()
+
+
+def _check_tied_head(path: Path, key: str, token_embedding: torch.Tensor) -> None:
+    """A stored copy of the tied output head must equal the token embedding (ValueError if not)."""
+    with safe_open(path, framework="pt") as f:
+        lm_head = _as_float32(f.get_tensor(key), key, path)
+    if not torch.equal(lm_head.to(token_embedding.device), token_embedding):
+        raise ValueError(f"{path}: {key} differs from wte.weight, but GPT-2's output head is tied to its "
+                         "token embedding (as GPTModel's is); this is not a GPT-2 checkpoint")
+
+
+def _checked_layout(path: Path, model_name: str | None) -> tuple[GPTConfig, dict[str, str]]:
+    """The checkpoint's config (`model_name`'s preset, checked, or inferred from the file) and the name in the
+    file of each tensor by its short name ("h.0.attn.c_attn.weight"); ValueError for a wrong name or shape."""
     raw_shapes, metadata = read_checkpoint_header(path)
     shapes = normalize_keys(raw_shapes, path)
     if model_name is not None:
@@ -91,35 +144,19 @@ def load_gpt2(
     else:
         cfg = infer_config(shapes, metadata, path)
         wanted = f"a GPT-2 of {cfg.n_layers} layers, emb_dim {cfg.emb_dim}"
-    check_layout(shapes, cfg, path, wanted)  # all names and shapes are right from here on
+    check_layout(shapes, cfg, path, wanted)
+    return cfg, {key.removeprefix("transformer."): key for key in raw_shapes}
 
-    # Read tensor by tensor. safetensors maps the file into memory, and every page read counts in the
-    # process's memory until the file is closed; so the file is opened once per block (the embeddings, each
-    # transformer block, the final norm): we hold the weights converted so far plus one block's pages of
-    # the file, never two full copies. (Opening it once per tensor would cost ~10 ms x 580 for gpt2-xl.)
-    file_key = {key.removeprefix("transformer."): key for key in raw_shapes}  # short name -> name in file
-    state: dict[str, torch.Tensor] = {}
-    for _, rules in itertools.groupby(gpt2_mapping(cfg), key=lambda rule: block_of(rule.hf_key)):
-        with safe_open(path, framework="pt") as f:
-            for rule in rules:
-                ours = hf_to_ours(rule, _as_float32(f.get_tensor(file_key[rule.hf_key]), rule.hf_key, path))
-                state.update({key: tensor.to(device) for key, tensor in ours.items()})
-    if "lm_head.weight" in shapes:  # a stored copy of the tied head: it must equal the token embedding
-        with safe_open(path, framework="pt") as f:
-            lm_head = _as_float32(f.get_tensor(file_key["lm_head.weight"]), "lm_head.weight", path)
-        if not torch.equal(lm_head.to(device), state["tok_emb.weight"]):
-            raise ValueError(f"{path}: lm_head.weight differs from wte.weight, but GPT-2's output head is "
-                             "tied to its token embedding (as GPTModel's is); this is not a GPT-2 checkpoint")
-        del lm_head
 
-    # Build on the meta device (shapes only, no memory, no random init), then take the loaded tensors as
-    # the parameters themselves (assign=True) instead of copying them into freshly allocated ones.
-    with torch.device("meta"):
-        model = GPTModel(cfg)
-    state["out_head.weight"] = state["tok_emb.weight"]
-    model.load_state_dict(state, strict=True, assign=True)
-    model.out_head.weight = model.tok_emb.weight  # assign=True made two Parameters; tie them again
-    return model.eval()
+def _block_linears(model: GPTModel, names: Iterable[str]) -> list[str]:
+    """`names`, checked to be Linear layers inside `model.blocks` (the tied output head cannot be 4-bit)."""
+    names = list(names)
+    linears = {name for name, module in model.named_modules() if isinstance(module, nn.Linear)}
+    outside = [name for name in names if name not in linears or not name.startswith("blocks.")]
+    if outside:
+        raise ValueError(f"nf4_layers: {outside[:3]} are not Linear layers of the blocks; name them as "
+                         "model.named_modules() does, e.g. 'blocks.0.att.W_query'")
+    return names
 
 
 def _as_float32(tensor: torch.Tensor, name: str, path: Path) -> torch.Tensor:

@@ -21,8 +21,9 @@ import torch
 
 from llm_scratch.config import GPTConfig
 from llm_scratch.files import atomic_path, read_safetensors
-from llm_scratch.lora import LoRAConfig
+from llm_scratch.lora import LoRAConfig, find_lora_targets
 from llm_scratch.model import GPTModel
+from llm_scratch.nf4 import quantize_linears
 from llm_scratch.pretrained import HF_CONFIG_FILE, HF_WEIGHTS_FILE, download_gpt2, load_gpt2
 from llm_scratch.run_folder import check_fingerprint, writing_run
 
@@ -268,19 +269,34 @@ def checked_file(run_dir: Path, record: RunRecord, name: str, what: str) -> Path
 
 
 def load_base(base: BaseModel, run_dir: Path, device: torch.device, *, command: str,
-              verify: bool = True) -> GPTModel:
+              verify: bool = True, lora_config: LoRAConfig | None = None) -> GPTModel:
     """The model a run started from: GPT-2's weights (downloaded or a file) or the same random init.
 
     With `verify`, the weights file must have the SHA-256 and size recorded (a run that has just hashed the
-    file passes `verify=False`: a file is hashed once per run)."""
+    file passes `verify=False`: a file is hashed once per run). With a QLoRA `lora_config`, the blocks' Linear
+    layers it targets come out in 4-bit NF4, quantized block by block as they are read (a file or the Hub),
+    so that the float32 base is never whole in memory."""
+    nf4_layers = _nf4_layers(base.model_name, lora_config)
     if base.kind == "random":
         torch.manual_seed(base.seed)
-        return GPTModel(GPTConfig.from_preset(base.model_name)).to(device)
+        model = GPTModel(GPTConfig.from_preset(base.model_name)).to(device)
+        quantize_linears(model, nf4_layers)
+        return model
     path = download_gpt2(base.model_name) if base.kind == "hub" else Path(run_dir) / base.path
     if verify:
         check_fingerprint(path, {"sha256": base.sha256, "size": base.size}, "the base model's weights",
                           command)
-    return load_gpt2(base.model_name, weights_path=path, device=device)
+    return load_gpt2(base.model_name, weights_path=path, device=device, nf4_layers=nf4_layers)
+
+
+def _nf4_layers(model_name: str, lora_config: LoRAConfig | None) -> list[str]:
+    """The Linear layers of the blocks that a QLoRA config targets (none for other configs), found on a
+    shapes-only model. `replace_linear_with_lora` wraps them as they are, and quantizes any other target."""
+    if lora_config is None or not lora_config.quantize_base:
+        return []
+    with torch.device("meta"):
+        model = GPTModel(GPTConfig.from_preset(model_name))
+    return [name for name in find_lora_targets(model, lora_config) if name.startswith("blocks.")]
 
 
 def load_trained_weights(model: GPTModel, path: str | Path, names: list[str]) -> None:

@@ -3,13 +3,26 @@ back onto the same 4-bit base."""
 
 from __future__ import annotations
 
+import dataclasses
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
 from llm_scratch.classifier import evaluate_classifier
 from llm_scratch.cli import main
+from llm_scratch.config import PRESETS, QUICK_PRESET, GPTConfig
 from llm_scratch.data import load_spam_splits, spam_dataloaders
 from llm_scratch.finetune import FinetuneSettings, finetune, load_run
-from llm_scratch.lora import lora_layers
-from llm_scratch.nf4 import LinearNF4
-from llm_scratch.run_record import read_record
+from llm_scratch.lora import LoRAConfig, lora_layers, replace_linear_with_lora
+from llm_scratch.model import GPTModel
+from llm_scratch.nf4 import LinearNF4, quantize_linears
+from llm_scratch.pretrained import load_gpt2, save_gpt2_safetensors
+from llm_scratch.run_record import BaseModel, load_base, read_record
+from llm_scratch.run_settings import write_quick_base_model
 
 
 def test_a_quick_qlora_run_trains_on_a_4_bit_base_and_loads_back_to_the_same_accuracy(tmp_path, capsys):
@@ -31,3 +44,81 @@ def test_a_quick_qlora_run_trains_on_a_4_bit_base_and_loads_back_to_the_same_acc
     assert main(["finetune", "--quick", "--method", "lora", "--out", str(tmp_path / "x"), "--no-progress",
                  "--checkpointing"]) == 0  # honoured for any method
     assert read_record(tmp_path / "x", "finetune").settings["checkpointing"] is True
+
+
+def _equal_tensors(model: torch.nn.Module, reference: torch.nn.Module) -> bool:
+    """The same parameter and buffer names, each bit for bit the same tensor."""
+    ours, theirs = model.state_dict(), reference.state_dict()
+    return list(ours) == list(theirs) and all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+
+def test_a_4_bit_base_loads_block_by_block_exactly_as_quantized_afterwards(tmp_path):
+    torch.manual_seed(0)
+    cfg = dataclasses.replace(PRESETS[QUICK_PRESET], n_layers=3)
+    path = save_gpt2_safetensors(GPTModel(cfg), tmp_path / "model.safetensors")
+    attention = [f"blocks.{i}.att.{name}" for i in range(3) for name in ("W_query", "W_key", "W_value",
+                                                                        "out_proj")]
+    loaded = load_gpt2(weights_path=path, nf4_layers=attention)
+    afterwards = load_gpt2(weights_path=path)
+    quantize_linears(afterwards, attention)
+    assert _equal_tensors(loaded, afterwards)
+    assert isinstance(loaded.blocks[2].att.out_proj, LinearNF4)
+    assert isinstance(loaded.blocks[2].ff.fc1, nn.Linear)
+    assert loaded.out_head.weight is loaded.tok_emb.weight  # still tied
+    for wrong in (["out_head"], ["blocks.0.att"], ["blocks.9.ff.fc1"]):
+        with pytest.raises(ValueError, match="not Linear layers of the blocks"):
+            load_gpt2(weights_path=path, nf4_layers=wrong)
+
+    # A run's base, from a file or a seeded random init: the layers its QLoRA config targets come out 4-bit.
+    qlora = LoRAConfig(target_modules=("attention",), quantize_base="nf4")
+    write_quick_base_model(tmp_path / "tiny.safetensors", seed=1)
+    for base in (BaseModel("file", QUICK_PRESET, "", path="tiny.safetensors"),
+                 BaseModel("random", QUICK_PRESET, "", seed=1)):
+        model = load_base(base, tmp_path, torch.device("cpu"), command="finetune", verify=False,
+                          lora_config=qlora)
+        reference = load_base(base, tmp_path, torch.device("cpu"), command="finetune", verify=False)
+        replace_linear_with_lora(reference, qlora)  # quantizing after loading, as LoRA's swap does
+        replace_linear_with_lora(model, qlora)  # wraps the 4-bit layers as they are
+        for layers in (lora_layers(model), lora_layers(reference)):
+            torch.manual_seed(2)  # the same random A matrices in both
+            for layer in layers.values():
+                torch.nn.init.normal_(layer.lora.A)
+        assert _equal_tensors(model, reference), base.kind
+
+
+LOAD_PEAK = """
+import sys
+from pathlib import Path
+from llm_scratch.pretrained import load_gpt2
+
+def megabytes(field):
+    line = next(l for l in Path("/proc/self/status").read_text().splitlines() if l.startswith(field))
+    return int(line.split()[1]) / 1024
+
+small, large, names = sys.argv[1], sys.argv[2], sys.argv[3:]
+load_gpt2(weights_path=small, nf4_layers=[name for name in names if name.startswith("blocks.0.")])  # warm-up
+before = megabytes("VmRSS")
+model = load_gpt2(weights_path=large, nf4_layers=names)
+print(megabytes("VmHWM") - before)
+"""
+
+
+def test_loading_a_4_bit_base_never_holds_its_float32_blocks_at_once(tmp_path):
+    """24 blocks of 512 wide (289 MB of float32) and a small vocabulary: the blocks are the memory. The
+    process grows by the 4-bit blocks (37 MB), one block in float32 and what the allocator keeps, and by
+    at least the float32 blocks if it ever held them all."""
+    paths, names = [], []
+    for n_layers, name in ((1, "small.safetensors"), (24, "large.safetensors")):
+        torch.manual_seed(0)
+        cfg = GPTConfig(vocab_size=256, context_length=64, emb_dim=512, n_heads=8, n_layers=n_layers)
+        model = GPTModel(cfg)
+        paths.append(str(save_gpt2_safetensors(model, tmp_path / name)))
+    names = [name for name, module in model.named_modules()
+             if isinstance(module, nn.Linear) and name.startswith("blocks.")]
+    float32_mb = sum(p.numel() for p in model.blocks.parameters()) * 4 / 2**20
+    del model
+    environment = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-c", LOAD_PEAK, *paths, *names], env=environment,
+                          capture_output=True, text=True, check=True)
+    growth_mb = float(done.stdout)
+    assert growth_mb < 0.5 * float32_mb, f"loading grew the process by {growth_mb:.0f} MB"
