@@ -7,8 +7,10 @@ import statistics
 from pathlib import Path
 
 import pytest
+import torch
 
-from llm_scratch import PRESETS, get_tokenizer
+from llm_scratch import PRESETS, GPTConfig, GPTModel, get_tokenizer
+from llm_scratch.pretrained import save_gpt2_safetensors
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
@@ -265,6 +267,32 @@ def test_bench_qlora_builds_the_4_bit_model_block_by_block_with_the_same_trained
         ids = torch.randint(0, 50257, (2, 8), generator=torch.Generator().manual_seed(0))
         difference = (lora(ids) - qlora(ids)).abs().max()
     assert 0 < difference < 1
+
+
+def test_bench_qlora_load_reads_the_4_bit_base_without_its_float32_blocks(capsys, tmp_path, benchmark_script):
+    """24 blocks of 512 wide (289 MB of float32) and a small vocabulary: the blocks are the memory. Read in
+    float32, the process grows by at least the float32 blocks; read in 4 bits, by the 4-bit blocks (37 MB),
+    one block in float32 and what the allocator keeps."""
+    bench = benchmark_script("bench_qlora_load")
+    torch.manual_seed(0)
+    model = GPTModel(GPTConfig(vocab_size=256, context_length=64, emb_dim=512, n_heads=8, n_layers=24))
+    weights = save_gpt2_safetensors(model, tmp_path / "model.safetensors")
+    float32_mb = sum(p.numel() for p in model.blocks.parameters()) * 4 / 2**20
+    del model
+    figures = bench.main(["--weights", str(weights)])  # each way in a fresh process
+    rows = markdown_rows(capsys.readouterr().out)
+    assert list(figures) == list(bench.WAYS)
+    for way, f in figures.items():
+        assert 0 < f["before_mb"] <= f["peak_mb"] and f["seconds"] > 0
+        assert rows[way] == [f"{f['before_mb']:,.0f} MB", f"{f['peak_mb']:,.0f} MB",
+                             f"{f['peak_mb'] - f['before_mb']:,.0f} MB", f"{f['seconds']:.1f} s"]
+    growth = {way: f["peak_mb"] - f["before_mb"] for way, f in figures.items()}
+    assert growth["float32"] > float32_mb
+    assert growth["float32, then quantized"] > float32_mb
+    assert growth["4-bit while reading"] < 0.5 * float32_mb, growth
+    # The two 4-bit ways hold the same tensors: fewer elements than float32 (two codes per byte).
+    parameters = [f["parameters"] for f in figures.values()]
+    assert parameters[1] == parameters[2] < parameters[0]
 
 
 def test_bench_instruct_smoke(capsys, benchmark_script):

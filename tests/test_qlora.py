@@ -4,9 +4,6 @@ back onto the same 4-bit base."""
 from __future__ import annotations
 
 import dataclasses
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -14,7 +11,7 @@ from torch import nn
 
 from llm_scratch.classifier import evaluate_classifier
 from llm_scratch.cli import main
-from llm_scratch.config import PRESETS, QUICK_PRESET, GPTConfig
+from llm_scratch.config import PRESETS, QUICK_PRESET
 from llm_scratch.data import load_spam_splits, spam_dataloaders
 from llm_scratch.finetune import FinetuneSettings, finetune, load_run
 from llm_scratch.lora import LoRAConfig, lora_layers, replace_linear_with_lora
@@ -84,41 +81,3 @@ def test_a_4_bit_base_loads_block_by_block_exactly_as_quantized_afterwards(tmp_p
             for layer in layers.values():
                 torch.nn.init.normal_(layer.lora.A)
         assert _equal_tensors(model, reference), base.kind
-
-
-LOAD_PEAK = """
-import sys
-from pathlib import Path
-from llm_scratch.pretrained import load_gpt2
-
-def megabytes(field):
-    line = next(l for l in Path("/proc/self/status").read_text().splitlines() if l.startswith(field))
-    return int(line.split()[1]) / 1024
-
-small, large, names = sys.argv[1], sys.argv[2], sys.argv[3:]
-load_gpt2(weights_path=small, nf4_layers=[name for name in names if name.startswith("blocks.0.")])  # warm-up
-before = megabytes("VmRSS")
-model = load_gpt2(weights_path=large, nf4_layers=names)
-print(megabytes("VmHWM") - before)
-"""
-
-
-def test_loading_a_4_bit_base_never_holds_its_float32_blocks_at_once(tmp_path):
-    """24 blocks of 512 wide (289 MB of float32) and a small vocabulary: the blocks are the memory. The
-    process grows by the 4-bit blocks (37 MB), one block in float32 and what the allocator keeps, and by
-    at least the float32 blocks if it ever held them all."""
-    paths, names = [], []
-    for n_layers, name in ((1, "small.safetensors"), (24, "large.safetensors")):
-        torch.manual_seed(0)
-        cfg = GPTConfig(vocab_size=256, context_length=64, emb_dim=512, n_heads=8, n_layers=n_layers)
-        model = GPTModel(cfg)
-        paths.append(str(save_gpt2_safetensors(model, tmp_path / name)))
-    names = [name for name, module in model.named_modules()
-             if isinstance(module, nn.Linear) and name.startswith("blocks.")]
-    float32_mb = sum(p.numel() for p in model.blocks.parameters()) * 4 / 2**20
-    del model
-    environment = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, "-c", LOAD_PEAK, *paths, *names], env=environment,
-                          capture_output=True, text=True, check=True)
-    growth_mb = float(done.stdout)
-    assert growth_mb < 0.5 * float32_mb, f"loading grew the process by {growth_mb:.0f} MB"
