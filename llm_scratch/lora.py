@@ -107,8 +107,11 @@ class LinearWithLoRA(nn.Module):
             return self.magnitude(x, self.linear, self.lora)  # DoRA: m / ||W + delta|| * x (W + delta)^T + b
         # linear(x) + lora(x), added in place: the linear layer's backward never needs its own output, and
         # not allocating a third (..., out_dim) tensor per layer cuts LoRA's peak training memory on a CPU
-        # by about a fifth (benchmarks/RESULTS.md).
-        return self.linear(x).add_(self.lora(x))  # (..., out_dim)
+        # by about a fifth (benchmarks/RESULTS.md). LoRA's branch goes first: with checkpointing, backward
+        # recomputes a block's forward pass only as far as the last tensor saved for backward, so a 4-bit
+        # product (which saves none) that ends the block, the feed-forward's second layer, is not recomputed.
+        update = self.lora(x)  # (..., out_dim)
+        return self.linear(x).add_(update)  # (..., out_dim)
 
     @torch.no_grad()
     def merge(self) -> None:

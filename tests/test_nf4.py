@@ -445,6 +445,35 @@ def test_activation_checkpointing_gives_the_same_loss_and_gradients():
     assert all(torch.allclose(a, b, rtol=0, atol=1e-7) for a, b in zip(grads, grads_ckpt, strict=True))
 
 
+def test_checkpointed_backward_does_not_recompute_the_4_bit_product_that_ends_a_block(monkeypatch):
+    """Backward recomputes a block's forward pass only as far as the last tensor it saved: each 4-bit layer
+    is dequantized for the recomputation and again for its input's gradient, but the feed-forward's second
+    layer, whose output nothing saves (no dropout), for its input's gradient only, and the first block's
+    query, key and value, whose input (the frozen embeddings, normalized) needs no gradient, for the
+    recomputation only."""
+    model = tiny_model(head=True)
+    prepare_for_method(model, "qlora", QLORA)
+    model.checkpointing = True
+    model.train()
+    names = {module: name for name, module in model.named_modules() if isinstance(module, LinearNF4)}
+    dequantized = []
+    dequantize = LinearNF4.dequantize
+
+    def counted(self, dtype=torch.float32):
+        dequantized.append(names[self])
+        return dequantize(self, dtype)
+
+    monkeypatch.setattr(LinearNF4, "dequantize", counted)
+    loss = model(token_ids()).logsumexp(-1).mean()
+    assert sorted(dequantized) == sorted(names.values())  # forward: each layer once
+    dequantized.clear()
+    loss.backward()
+    once = ("ff.fc2.linear", "blocks.0.att.W_query.linear", "blocks.0.att.W_key.linear",
+            "blocks.0.att.W_value.linear")
+    expected = {name: 1 if name.endswith(once) else 2 for name in names.values()}
+    assert {name: dequantized.count(name) for name in names.values()} == expected
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_on_a_gpu_the_4_bit_state_and_the_training_step_match_the_cpu():
     qlora, _ = qlora_and_reference()
