@@ -1,12 +1,13 @@
-"""Full-mode time of the notebooks on this CPU: the ones that download nothing run whole; notebooks 05, 06
-and 07 (and their solutions) and notebook 03 are estimated from short measured parts, since they need GPT-2's
-weights.
+"""Full-mode time of the notebooks on this CPU: the ones that download nothing run whole; notebooks 05 to 08
+(and the solutions of 05 and 06) and notebook 03 are estimated from short measured parts, since they need
+GPT-2's weights.
 
     python benchmarks/bench_full_mode.py    # the collection from the data cache, or --data-path FILE
 
-The estimates of 05, 06 and 07: a gpt2-small-shaped classifier (random weights: a step costs the same whatever
+The estimates of 05 to 08: a gpt2-small-shaped classifier (random weights: a step costs the same whatever
 their values) takes training steps on the first batches of the real balanced training split, full,
-last-block, LoRA and DoRA in turn, and the same batches are evaluated without gradients. Their seconds per
+last-block, LoRA, DoRA and QLoRA (with checkpointing, as `finetune` trains it) in turn, and the same batches
+are evaluated without gradients by the LoRA and the QLoRA model. Their seconds per
 padded position, times the positions each notebook computes (its epochs, its evaluations, from its settings),
 give its time; notebook 05's prompt answers are timed against LoRA steps taken in turn with them, and the
 runs on the last block's stored prefix use the speed-up `bench_last_block.py` measured. On a machine other
@@ -50,20 +51,22 @@ CACHED_OVER_ORDINARY, BF16_OVER_FP32 = 18.36 / 92.44, 450 / 692
 LORA_EPOCH = "one LoRA training epoch, no evaluation"
 
 
-def step_seconds(models: dict, batches: list) -> tuple[dict[str, float], float]:
-    """Seconds per padded position of a training step of each model, and of an evaluation batch: medians
-    over `batches` (the first one warms up). The models step in turn, batch by batch, in a new order each
-    time, so that other work on the machine slows them alike; the median passes over its bursts.
+def step_seconds(models: dict, batches: list) -> tuple[dict[str, float], dict[str, float]]:
+    """Seconds per padded position of a training step of each model, and of an evaluation batch of the LoRA
+    model and (when there is one) the QLoRA model: medians over `batches` (the first one warms up). The models
+    step in turn, batch by batch, in a new order each time, so that other work on the machine slows them
+    alike; the median passes over its bursts.
     """
     optimizers = {m: torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
                   for m, model in models.items()}
-    times: dict[str, list[float]] = {m: [] for m in [*models, "evaluate"]}
+    evaluated = [m for m in ("lora", "qlora") if m in models]
+    times: dict[str, list[float]] = {m: [] for m in [*models, *(f"evaluate {m}" for m in evaluated)]}
     for index, batch in enumerate(batches):
         for method in random.Random(index).sample(list(times), len(times)):
             start = time.perf_counter()
-            if method == "evaluate":
+            if method.startswith("evaluate "):
                 with torch.no_grad():
-                    classification_loss(models["lora"].eval(), batch)
+                    classification_loss(models[method.removeprefix("evaluate ")].eval(), batch)
             else:
                 optimizers[method].zero_grad()
                 classification_loss(models[method].train(), batch).backward()
@@ -71,7 +74,7 @@ def step_seconds(models: dict, batches: list) -> tuple[dict[str, float], float]:
             if index > 0:
                 times[method].append((time.perf_counter() - start) / batch.input_ids.numel())
     per_position = {m: statistics.median(t) for m, t in times.items()}
-    return {m: per_position[m] for m in models}, per_position["evaluate"]
+    return {m: per_position[m] for m in models}, {m: per_position[f"evaluate {m}"] for m in evaluated}
 
 
 def prompt_ratio(lm: GPTModel, lora: GPTModel, batches: list, texts: list[str]) -> float:
@@ -109,8 +112,9 @@ def run_seconds(method: str, positions: dict, train_batches: int, per_step: dict
     return steps * mean_batch * per_step[method] + checks * per_eval
 
 
-def course_estimates(data_path: Path, n_batches: int) -> dict[str, float]:
-    """Estimated seconds of the parts of notebooks 05, 06 and 07 (and their solutions) in full mode."""
+def course_estimates(data_path: Path, n_batches: int) -> tuple[dict[str, float], dict[str, float]]:
+    """Estimated seconds of the parts of notebooks 05 to 08 (and the solutions of 05 and 06) in full mode,
+    and the measured times per padded position against LoRA's training step."""
     splits = load_spam_splits(data_path=data_path, seed=123)
     loaders = spam_dataloaders(splits, batch_size=BATCH, seed=123)
     names = ("train", "validation", "test")
@@ -126,8 +130,10 @@ def course_estimates(data_path: Path, n_batches: int) -> dict[str, float]:
     for method in METHODS:
         models[method] = copy.deepcopy(base)
         prepare_for_method(models[method], method)
+    models["qlora"].checkpointing = True  # as finetune trains it
     first_batches = [batch for batch, _ in zip(loaders.train, range(n_batches), strict=False)]
-    per_step, per_eval = step_seconds(models, first_batches)
+    per_step, evaluation = step_seconds(models, first_batches)
+    per_eval = evaluation["lora"]
     answer = prompt_ratio(lm, models["lora"], first_batches, [row.text for row in splits.test]) \
         * per_step["lora"]
 
@@ -138,6 +144,8 @@ def course_estimates(data_path: Path, n_batches: int) -> dict[str, float]:
     cached_epoch = CACHED_OVER_ORDINARY * run["last-block"] / EPOCHS
     last_block_finetune = prefix + EPOCHS * cached_epoch
     first_batch = first_batches[0].input_ids.numel()
+    against_lora = {**{f"{m} training step": per_step[m] / per_step["lora"] for m in METHODS},
+                    **{f"{m} evaluation": evaluation[m] / per_step["lora"] for m in evaluation}}
     return {
         LORA_EPOCH: positions["train"] * per_step["lora"],
         "05: the prompt's answers for the 300 test messages (section 4)": len(splits.test) * answer,
@@ -162,7 +170,10 @@ def course_estimates(data_path: Path, n_batches: int) -> dict[str, float]:
             prefix + cached_epoch + (every_split + positions["test"]) * per_eval,
         "solutions 06: one LoRA epoch through finetune, and the evaluations":
             run["lora"] / EPOCHS + (every_split + 2 * positions["test"]) * per_eval,
-    }
+        "08: LoRA, then QLoRA, 2 epochs each, bucketed, and their evaluations (section 6)":
+            sum(run_seconds(m, bucketed, train_batches, per_step, evaluation[m], epochs=2)
+                + every_split * evaluation[m] for m in ("lora", "qlora")),
+    }, against_lora
 
 
 def notebook_03() -> dict[str, float]:
@@ -204,7 +215,7 @@ def main() -> None:
             print(f"{name}: {seconds[f'{name}, whole, full mode']:.0f} s", file=sys.stderr, flush=True)
     seconds.update({f"03: {k}": v for k, v in notebook_03().items()})
     load = os.getloadavg()[0]
-    estimated = course_estimates(args.data_path, args.batches)
+    estimated, against_lora = course_estimates(args.data_path, args.batches)
     scale = args.lora_epoch_seconds / estimated[LORA_EPOCH] if args.lora_epoch_seconds else None
     print(f"\nMachine: {machine_description()}; load average {load:.1f} before the estimated parts, "
           f"{os.getloadavg()[0]:.1f} after it  ")
@@ -216,6 +227,10 @@ def main() -> None:
     for name, value in estimated.items():
         scaled = f"{scale * value / 60:,.1f} min" if scale else ""
         print(f"| {name} | {value / 60:,.1f} min | {scaled} |")
+    print(f"\nSeconds per padded position against a LoRA training step's (medians of {args.batches - 1} "
+          "batches):\n\n| timed | / LoRA step |\n|---|---:|")
+    for name, ratio in against_lora.items():
+        print(f"| {name} | {ratio:.2f} |")
 
 
 if __name__ == "__main__":
