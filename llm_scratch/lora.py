@@ -107,9 +107,12 @@ class LinearWithLoRA(nn.Module):
             return self.magnitude(x, self.linear, self.lora)  # DoRA: m / ||W + delta|| * x (W + delta)^T + b
         # linear(x) + lora(x), added in place: the linear layer's backward never needs its own output, and
         # not allocating a third (..., out_dim) tensor per layer cuts LoRA's peak training memory on a CPU
-        # by about a fifth (benchmarks/RESULTS.md). LoRA's branch goes first: with checkpointing, backward
-        # recomputes a block's forward pass only as far as the last tensor saved for backward, so a 4-bit
-        # product (which saves none) that ends the block, the feed-forward's second layer, is not recomputed.
+        # by about a fifth (benchmarks/RESULTS.md).
+        if isinstance(self.linear, nn.Linear):
+            return self.linear(x).add_(self.lora(x))  # (..., out_dim)
+        # A 4-bit base saves nothing for backward, so its product goes last: with checkpointing, backward
+        # recomputes a block's forward pass only as far as the last tensor saved, and the block's last
+        # product (the feed-forward's second layer) is then not computed again.
         update = self.lora(x)  # (..., out_dim)
         return self.linear(x).add_(update)  # (..., out_dim)
 
