@@ -22,7 +22,13 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from common import machine_description, medians, sms_spam_file, times_in_turn  # benchmarks/ is on the path
+from common import (  # benchmarks/ is on the path
+    machine_description,
+    medians,
+    process_memory_mb,
+    sms_spam_file,
+    times_in_turn,
+)
 
 from llm_scratch.classifier import add_classification_head, classification_loss
 from llm_scratch.config import GPTConfig
@@ -123,9 +129,7 @@ def _measure_own_memory(args: argparse.Namespace) -> None:
     batch = random_batch(args.batch_size, args.tokens, cfg.vocab_size)
     for _ in range(3):  # the optimizer's state exists from the first step on
         step(batch)
-    status = Path("/proc/self/status").read_text()
-    peak_kb = int(next(line for line in status.splitlines() if line.startswith("VmHWM")).split()[1])
-    print(json.dumps({"peak_mb": peak_kb / 1024}))
+    print(json.dumps({"peak_mb": process_memory_mb("VmHWM")}))
 
 
 def epoch_times(args: argparse.Namespace, cfg: GPTConfig) -> tuple[dict[str, float], dict[str, int]]:

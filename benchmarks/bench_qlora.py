@@ -45,7 +45,7 @@ from bench_finetune import (  # benchmarks/ is on the path when run as a script
     train_step,
 )
 from bench_precision import MATMUL_OPS
-from common import machine_description, median_ratio, medians, times_in_turn
+from common import machine_description, median_ratio, medians, process_memory_mb, times_in_turn
 from torch import nn
 from torch.profiler import ProfilerActivity, profile, record_function
 
@@ -95,23 +95,17 @@ def build(name: str, cfg: GPTConfig, rank: int, alpha: float, seed: int = 123) -
     return model.train()
 
 
-def memory_kb(field: str) -> int:
-    """A field of /proc/self/status in kB: VmRSS (resident now) or VmHWM (the peak of VmRSS)."""
-    line = next(line for line in Path("/proc/self/status").read_text().splitlines() if line.startswith(field))
-    return int(line.split()[1])
-
-
 def _measure_own_memory(args: argparse.Namespace) -> None:
     cfg = GPTConfig.from_preset(args.preset)
     step = train_step(build(args.memory_of, cfg, args.rank, args.alpha), precision=args.precision, fused=True)
     batch = random_batch(args.batch_size, args.tokens, cfg.vocab_size)
     step(batch)  # warm-up: AdamW's state exists from here on
-    before_kb, process_kb = memory_kb("VmRSS"), memory_kb("VmHWM")
+    before_mb, process_mb = process_memory_mb("VmRSS"), process_memory_mb("VmHWM")
     Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
     step(batch)
-    step_kb = memory_kb("VmHWM")
-    print(json.dumps({"step_peak_mb": step_kb / 1024, "before_step_mb": before_kb / 1024,
-                      "process_peak_mb": max(process_kb, step_kb) / 1024}))
+    step_mb = process_memory_mb("VmHWM")
+    print(json.dumps({"step_peak_mb": step_mb, "before_step_mb": before_mb,
+                      "process_peak_mb": max(process_mb, step_mb)}))
 
 
 def peak_memory(name: str, precision: str, args: argparse.Namespace) -> dict[str, float]:

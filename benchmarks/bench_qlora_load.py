@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import machine_description  # benchmarks/ is on the path when run as a script
+from common import machine_description, process_memory_mb  # benchmarks/ is on the path when run as a script
 from torch import nn
 
 from llm_scratch.checkpoint import infer_config, normalize_keys, read_checkpoint_header
@@ -56,12 +56,6 @@ def shapes_only(weights: Path) -> GPTModel:
         return GPTModel(infer_config(normalize_keys(shapes, weights), metadata, weights))
 
 
-def memory_mb(field: str) -> float:
-    """A field of /proc/self/status in MB: VmRSS (resident now) or VmHWM (the peak of VmRSS)."""
-    line = next(line for line in Path("/proc/self/status").read_text().splitlines() if line.startswith(field))
-    return int(line.split()[1]) / 1024
-
-
 def load(way: str, weights: Path) -> GPTModel:
     """The model in `weights`, loaded the `way` named."""
     if way == "4-bit while reading":
@@ -75,11 +69,11 @@ def load(way: str, weights: Path) -> GPTModel:
 def _measure_own_load(way: str, weights: Path, warmup: Path) -> None:
     """Load `warmup`, then `weights`, the `way` named, in this (fresh) process; print the figures as JSON."""
     load(way, warmup)
-    before = memory_mb("VmRSS")
+    before = process_memory_mb("VmRSS")
     start = time.perf_counter()
     model = load(way, weights)
     seconds = time.perf_counter() - start
-    print(json.dumps({"before_mb": before, "peak_mb": memory_mb("VmHWM"), "seconds": seconds,
+    print(json.dumps({"before_mb": before, "peak_mb": process_memory_mb("VmHWM"), "seconds": seconds,
                       "parameters": sum(t.numel() for t in model.state_dict().values())}))
 
 
@@ -107,16 +101,18 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     if args.weights is not None and not args.weights.is_file():
         parser.error(f"no weights file at {args.weights}")
     command = "python benchmarks/bench_qlora_load.py " + shlex.join(sys.argv[1:] if argv is None else argv)
-    preset = args.preset
     with tempfile.TemporaryDirectory(prefix="bench-qlora-load-") as folder:
         torch.manual_seed(0)
         warmup = save_gpt2_safetensors(GPTModel(PRESETS[QUICK_PRESET]), Path(folder) / "warmup.safetensors")
         weights = args.weights
         if weights is None:
-            weights = save_gpt2_safetensors(GPTModel(PRESETS[preset]), Path(folder) / "model.safetensors")
-            print(f"wrote a random {preset} checkpoint: {weights.stat().st_size:,} bytes", file=sys.stderr)
+            model = GPTModel(PRESETS[args.preset])  # freed once written: not held while the loads run
+            weights = save_gpt2_safetensors(model, Path(folder) / "model.safetensors")
+            del model
+            print(f"wrote a random {args.preset} checkpoint: {weights.stat().st_size:,} bytes",
+                  file=sys.stderr)
         figures = {way: load_figures(way, weights, warmup) for way in WAYS}
-    what = args.weights or f"a {preset}-shaped checkpoint with random weights"
+    what = args.weights or f"a {args.preset}-shaped checkpoint with random weights"
     print(f"\nMachine: {machine_description()}  \nCommand: `{command.strip()}`\n\nLoading {what}, each "
           "way in a fresh process:\n\n| way | resident before | peak | peak - before | seconds |\n"
           "|---|---:|---:|---:|---:|")

@@ -36,6 +36,12 @@ def machine_description() -> str:
             f"transformers {transformers.__version__}, Python {platform.python_version()}")
 
 
+def process_memory_mb(field: str) -> float:
+    """A field of /proc/self/status (Linux) in MB: VmRSS (resident now) or VmHWM (the peak of VmRSS)."""
+    line = next(line for line in Path("/proc/self/status").read_text().splitlines() if line.startswith(field))
+    return int(line.split()[1]) / 1024
+
+
 def times_in_turn(steps: dict[str, Callable[[], object]], warmup: int,
                   repeats: int) -> tuple[dict[str, list[float]], dict[str, list[object]]]:
     """Run the callables in turn A, B, A, B, ... for `warmup + repeats` rounds; return the seconds of each in
