@@ -31,3 +31,16 @@ def test_an_interrupted_save_keeps_the_old_file_and_leaves_no_half_file(tmp_path
         save_safetensors({"w": torch.ones(3)}, path)
     assert torch.equal(load_file(path)["w"], torch.zeros(3))  # the previous file, whole
     assert [p.name for p in tmp_path.iterdir()] == ["a.safetensors"]  # no temporary left behind
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_require_finite_finds_one_bad_value_anywhere_in_every_float_type(dtype, bad):
+    weights = torch.randn(3, 50_000).to(dtype)  # large enough for the vectorized reductions
+    files.require_finite(weights, "w", "here")  # finite: accepted
+    files.require_finite(torch.empty(0, 5, dtype=dtype), "w", "here")  # empty: nothing to refuse
+    for position in (0, 77_777, weights.numel() - 1):
+        poisoned = weights.clone()
+        poisoned.view(-1)[position] = bad
+        with pytest.raises(ValueError, match="here: tensor 'w' holds 1 NaN or infinite values"):
+            files.require_finite(poisoned, "w", "here")
