@@ -107,8 +107,9 @@ def test_codes_absmax_and_dequantized_weights_are_bit_identical_to_bitsandbytes(
 
 
 def test_where_bitsandbytes_cpu_kernel_misplaces_blocks_ours_matches_its_pytorch_reference():
-    """bitsandbytes 0.50's CPU dequantization gives some shapes (rows of 96, 160 or 32 values) the absmax of
-    the wrong block, which its own quantizer did not use; its pure-PyTorch backend reads the flat blocks as
+    """On the Intel Xeon build machine (AVX-512), bitsandbytes 0.50's CPU dequantization gives some shapes
+    (rows of 96, 160 or 32 values) the absmax of the wrong block, which its own quantizer did not use; on the
+    AMD EPYC one (no AVX-512) it reads them right. Its pure-PyTorch backend always reads the flat blocks as
     its quantizer writes them, and so do we."""
     from bitsandbytes.backends.default import ops
 
@@ -121,8 +122,10 @@ def test_where_bitsandbytes_cpu_kernel_misplaces_blocks_ours_matches_its_pytorch
     ours = nf4.dequantize_nf4(packed, absmax, weight.shape)
     assert torch.equal(ours, reference(their_packed.view(-1), absmax, state.code, 64, weight.shape,
                                        torch.float32))
+    assert (ours - weight).abs().max() < 0.5  # NF4's error
     cpu_kernel = bnb_dequantize(their_packed, state)
-    assert (ours - weight).abs().max() < 0.5 < (cpu_kernel - weight).abs().max()  # NF4's error, and more
+    if not torch.equal(cpu_kernel, ours):  # the misplaced blocks: an error larger than NF4's
+        assert (cpu_kernel - weight).abs().max() > 0.5
 
 
 def test_our_gpt2_small_attention_weights_quantize_as_in_bitsandbytes():
