@@ -107,10 +107,10 @@ def test_codes_absmax_and_dequantized_weights_are_bit_identical_to_bitsandbytes(
 
 
 def test_where_bitsandbytes_cpu_kernel_misplaces_blocks_ours_matches_its_pytorch_reference():
-    """On the Intel Xeon build machine (AVX-512), bitsandbytes 0.50's CPU dequantization gives some shapes
-    (rows of 96, 160 or 32 values) the absmax of the wrong block, which its own quantizer did not use; on the
-    AMD EPYC one (no AVX-512) it reads them right. Its pure-PyTorch backend always reads the flat blocks as
-    its quantizer writes them, and so do we."""
+    """On CPUs with AVX-512 (seen on an Intel Xeon and an AMD EPYC VM), bitsandbytes 0.50's CPU
+    dequantization gives some shapes (rows of 96, 160 or 32 values) the absmax of the wrong block, which its
+    own quantizer did not use; on an AMD EPYC VM without AVX-512 it reads them right. Its pure-PyTorch backend
+    always reads the flat blocks as its quantizer writes them, and so do we."""
     from bitsandbytes.backends.default import ops
 
     compiled = ops._dequantize_4bit_compute
