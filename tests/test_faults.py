@@ -315,10 +315,14 @@ def test_a_cache_folder_that_is_a_file_matters_only_when_a_download_is_needed(tm
 
 
 def test_two_runs_into_one_folder_at_once_the_second_is_refused(old_run, tmp_path, messages):
-    first = start(tmp_path, *new_run(old_run, epochs=30))
+    first = start(tmp_path, *new_run(old_run, epochs=2))
     assert "trainable" in first.stdout.readline()  # the first run holds the folder's lock
-    second = start(tmp_path, *new_run(old_run))
-    _, err = second.communicate(timeout=300)
+    first.send_signal(signal.SIGSTOP)  # and keeps holding it, paused, however slowly the second one starts
+    try:
+        second = start(tmp_path, *new_run(old_run))
+        _, err = second.communicate(timeout=300)
+    finally:
+        first.send_signal(signal.SIGCONT)
     assert second.returncode == 2
     assert err == (f"error: another run is writing into {old_run} right now (it holds the lock "
                    f"{old_run.parent / '.lora.lock'}); wait until it ends, or choose another run folder "
@@ -327,7 +331,7 @@ def test_two_runs_into_one_folder_at_once_the_second_is_refused(old_run, tmp_pat
     assert first.returncode == 0
     run = json.loads(record_path(old_run).read_text())
     metrics = json.loads((old_run / "metrics.json").read_text())
-    assert (run["settings"]["seed"], metrics["settings"]["epochs"]) == (2, 30)  # the first run's, whole
+    assert (run["settings"]["seed"], metrics["settings"]["epochs"]) == (2, 2)  # the first run's, whole
     assert len(classify_with_run(old_run, messages)) == len(messages)
 
 
