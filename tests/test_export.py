@@ -1,8 +1,8 @@
 """Export: a fine-tuning or pretraining run in Hugging Face's formats computes what the run computes.
 
 The runs are gpt2-small-shaped with random weights: the test writes the "Hub" base itself (the download is
-replaced by its file), and trains each method for one short epoch, so that the adapter and weights differ
-from the base; the exactness of the export is what is under test, not the training."""
+replaced by its file), and trains each method for one step, so that the adapter and weights differ from the
+base; the exactness of the export is what is under test, not the training."""
 
 from __future__ import annotations
 
@@ -41,11 +41,11 @@ def hub(tmp_path_factory) -> Path:
 
 
 def gpt2_small_run(method: str, hub: Path, out: Path, monkeypatch) -> Path:
-    """A gpt2-small fine-tuning run from the "Hub" base, one epoch on 24 training messages."""
+    """A gpt2-small fine-tuning run from the "Hub" base: one epoch of one batch (8 training messages)."""
     monkeypatch.setattr(run_settings, "download_gpt2", lambda name: hub / "model.safetensors")
     monkeypatch.setattr(run_record, "download_gpt2", lambda name: hub / "model.safetensors")
     splits = load_spam_splits(quick=True, seed=123)
-    few = SpamSplits(splits.train[:24], splits.validation[:8], splits.test[:8])
+    few = SpamSplits(splits.train[:8], splits.validation[:4], splits.test[:4])
     monkeypatch.setattr(finetune_module, "load_spam_splits", lambda **options: few)
     lora = finetune_module.CLASSIFIER_LORA if method in ("lora", "dora") else None
     finetune(FinetuneSettings(method=method, model_name="gpt2-small", quick=False, epochs=1, lr=2e-3,
