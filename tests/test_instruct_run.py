@@ -11,8 +11,9 @@ import torch
 from peft import PeftModel
 from transformers import GPT2LMHeadModel
 
+from llm_scratch import instruct as instruct_module
 from llm_scratch.cli import main
-from llm_scratch.data.instruction import load_instruction_splits
+from llm_scratch.data.instruction import InstructionSplits, load_instruction_splits
 from llm_scratch.instruct import InstructSettings, instruct, load_instruct_run, read_responses
 from llm_scratch.run_record import read_record
 
@@ -54,7 +55,10 @@ def test_respond_answers_with_the_runs_model(quick_full_run, capsys):
     assert "the instruction is empty" in capsys.readouterr().err
 
 
-def test_a_lora_run_with_masked_prompts_exports_to_peft_for_gpt2lmheadmodel(tmp_path, capsys):
+def test_a_lora_run_with_masked_prompts_exports_to_peft_for_gpt2lmheadmodel(tmp_path, capsys, monkeypatch):
+    splits = load_instruction_splits(quick=True)
+    few = InstructionSplits(splits.train[:16], splits.validation[:4], splits.test[:4])  # an epoch of 8 steps
+    monkeypatch.setattr(instruct_module, "load_instruction_splits", lambda *args, **options: few)
     run = tmp_path / "lora"
     assert main(["instruct", "--quick", "--epochs", "1", "--mask-prompt", "--out", str(run),
                  "--no-progress"]) == 0
