@@ -52,7 +52,7 @@ def run_notebook_quick(path: Path, workdir: Path, quick: bool = True, runs_in_on
     """
     notebook = nbformat.read(path, as_version=4)
     # The kernel starts in the notebook's folder; once the last cell has run it is stopped at once: an orderly
-    # exit would only tear down the loaded modules, about 0.8 s of CPU per kernel with PyTorch loaded.
+    # exit would only tear down the loaded modules, about 0.9 s of CPU per kernel with PyTorch loaded.
     client = NotebookClient(notebook, timeout=CELL_TIMEOUT_S, kernel_name="python3",
                             resources={"metadata": {"path": str(path.parent)}}, shutdown_kernel="immediate")
     start = time.perf_counter()
