@@ -16,6 +16,7 @@ from llm_scratch.export import export_run
 from llm_scratch.files import explain_error
 from llm_scratch.finetune import METHODS, FinetuneSettings, classify_with_run, finetune
 from llm_scratch.instruct import InstructSettings, instruct, respond_with_run
+from llm_scratch.optimizer import LR_SCHEDULES
 from llm_scratch.precision import PRECISIONS
 from llm_scratch.pretrain import PretrainSettings, pretrain
 
@@ -37,6 +38,8 @@ FINETUNE = {
     "--rank": (int, "LoRA rank (default {d.DEFAULT_LORA.rank})"),
     "--alpha": (float, "LoRA alpha; updates scale by alpha / rank (default {d.DEFAULT_LORA.alpha:g})"),
     "--loraplus-lr-ratio": (float, "LoRA+: B's learning rate over A's, e.g. 16 (LoRA methods; default none)"),
+    "--lr-schedule": (LR_SCHEDULES, "constant, or cosine: down to lr / 10 by the last step (default "
+                                    "{d.LR_SCHEDULE}, {d.QUICK_LR_SCHEDULE} in quick mode)"),
     "--bucket": (None, "batch messages of similar length together: less padding, faster epochs"),
     "--data-path": (Path, "a local SMSSpamCollection file or the UCI zip (no download)"),
     "--weights-path": (Path, "a local GPT-2 model.safetensors file (no download)"),
@@ -51,6 +54,8 @@ INSTRUCT = {
     "--rank": (int, "LoRA rank (default {d.DEFAULT_LORA.rank})"),
     "--alpha": (float, "LoRA alpha; updates scale by alpha / rank (default {d.DEFAULT_LORA.alpha:g})"),
     "--loraplus-lr-ratio": (float, "LoRA+: B's learning rate over A's, e.g. 16 (LoRA methods; default none)"),
+    "--lr-schedule": (LR_SCHEDULES, "constant, or cosine: down to lr / 10 by the last step (default "
+                                    "{d.LR_SCHEDULE}, {d.QUICK_LR_SCHEDULE} in quick mode)"),
     "--mask-prompt": (None, "the loss on the response's tokens only, not the prompt's"),
     "--max-new-tokens": (int, "the longest response to the test split (default {d.max_new_tokens})"),
     "--judge-url": (str, "an Ollama server (e.g. http://localhost:11434) that scores each response 0-100"),

@@ -137,7 +137,8 @@ def _train_into(folder: Path, settings: InstructSettings) -> dict:
     with autocast(settings.precision, device):
         before = evaluate_language_model(model, test)
     history = train_language_model(model, loaders.train, loaders.validation, epochs=settings.epochs,
-                                   lr=settings.lr, eval_every=settings.eval_every, seed=settings.seed,
+                                   lr=settings.lr, lr_schedule=settings.lr_schedule,
+                                   eval_every=settings.eval_every, seed=settings.seed,
                                    device=device, progress=settings.progress, param_groups=groups,
                                    precision=settings.precision)
     with autocast(settings.precision, device):

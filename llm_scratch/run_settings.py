@@ -22,6 +22,7 @@ from llm_scratch.files import require_finite, save_safetensors
 from llm_scratch.lora import LoRAConfig, replace_linear_with_lora
 from llm_scratch.methods import LORA_METHODS, method_lora_config, prepare_for_method
 from llm_scratch.model import GPTModel
+from llm_scratch.optimizer import LR_SCHEDULES
 from llm_scratch.precision import check_precision
 from llm_scratch.pretrained import download_gpt2, save_gpt2_safetensors
 from llm_scratch.run_folder import fingerprint
@@ -55,6 +56,8 @@ class RunSettings:
     QUICK_BATCH_SIZE: ClassVar[int] = 8
     LEARNING_RATES: ClassVar[dict[str, float]] = {}  # by method
     QUICK_LEARNING_RATES: ClassVar[dict[str, float]] = {}
+    LR_SCHEDULE: ClassVar[str] = "constant"  # one of optimizer.LR_SCHEDULES
+    QUICK_LR_SCHEDULE: ClassVar[str] = "constant"
     DEFAULT_LORA: ClassVar[LoRAConfig] = LoRAConfig()
     OUT_PREFIX: ClassVar[str] = ""  # the default run folder is runs/{OUT_PREFIX}{method}
 
@@ -65,6 +68,7 @@ class RunSettings:
     overwrite: bool = False  # replace an existing run in `out` (once the new run is complete)
     lora_config: LoRAConfig | None = None  # rank, alpha, ... (LoRA methods only); None: DEFAULT_LORA
     lr: float | None = None  # None: the method's LEARNING_RATES (or QUICK_LEARNING_RATES)
+    lr_schedule: str | None = None  # "constant" or "cosine" (to lr / 10); None: LR_SCHEDULE (or QUICK_...)
     loraplus_lr_ratio: float | None = None  # LoRA+: B learns at lr x this (LoRA methods); None: plain LoRA
     batch_size: int | None = None  # None: BATCH_SIZE, or QUICK_BATCH_SIZE in quick mode
     seed: int = 123
@@ -99,6 +103,9 @@ class RunSettings:
         if self.lr is not None and not (isinstance(self.lr, (int, float)) and 0 < self.lr < math.inf):
             raise ValueError(f"--lr must be a number > 0 (0 would train nothing), got {self.lr!r}; "
                              "leave it out for the method's default")
+        if self.lr_schedule is not None and self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"--lr-schedule must be one of {', '.join(LR_SCHEDULES)}, got "
+                             f"{self.lr_schedule!r}")
         if self.device is not None and not (isinstance(self.device, str)
                                             and DEVICE_NAME.fullmatch(self.device)):
             raise ValueError(f"--device must be cpu, cuda, cuda:N (the N-th GPU) or mps, got {self.device!r}")
@@ -123,8 +130,9 @@ class RunSettings:
                              f"LoRA's B matrices; use it with method {lora_methods}, not {self.method!r}")
 
     def resolved(self) -> RunSettings:
-        """These settings with every default decided: quick mode, the model, epochs, learning rate, device,
-        run folder and the method's LoRA config (None for methods without LoRA). What run.json records."""
+        """These settings with every default decided: quick mode, the model, epochs, learning rate and its
+        schedule, device, run folder and the method's LoRA config (None for methods without LoRA). What
+        run.json records."""
         quick = quick_mode(self.quick)
         if quick and self.weights_path is not None:
             raise ValueError("--weights-path cannot be used in quick mode (--quick or LLM_SCRATCH_QUICK=1), "
@@ -141,6 +149,7 @@ class RunSettings:
             epochs=self.epochs or (self.QUICK_EPOCHS if quick else self.EPOCHS), lora_config=lora,
             batch_size=self.batch_size or (self.QUICK_BATCH_SIZE if quick else self.BATCH_SIZE),
             lr=self.lr or (self.QUICK_LEARNING_RATES if quick else self.LEARNING_RATES)[self.method],
+            lr_schedule=self.lr_schedule or (self.QUICK_LR_SCHEDULE if quick else self.LR_SCHEDULE),
             device=str(device_of(self.device)),
             out=Path(self.out or Path("runs") / f"{self.OUT_PREFIX}{self.method}"),
             # QLoRA saves memory, so it saves the activations' too, as the QLoRA paper and PEFT do

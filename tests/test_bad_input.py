@@ -107,6 +107,15 @@ def test_options_that_contradict_each_other_are_refused(tmp_path, capsys, argume
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("schedule", ["linear", "Cosine", ""])
+def test_a_schedule_the_package_lacks_is_refused_by_the_library_as_by_the_cli(capsys, schedule):
+    with pytest.raises(ValueError, match=f"--lr-schedule must be one of constant, cosine, got '{schedule}'"):
+        finetune_module.FinetuneSettings(lr_schedule=schedule)
+    with pytest.raises(SystemExit):
+        main(["finetune", "--lr-schedule", schedule])
+    assert f"invalid choice: '{schedule}'" in capsys.readouterr().err
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA GPU")
 def test_a_device_this_machine_lacks_is_refused(tmp_path, capsys):
     code, _, err = cli(capsys, "finetune", "--quick", "--device", "cuda", "--out", tmp_path / "run")
@@ -126,11 +135,13 @@ def test_the_current_folder_is_never_a_run_folder(snapshot, tmp_path, monkeypatc
 
 def test_given_arguments_are_honoured(tmp_path):
     settings = finetune_module.FinetuneSettings(quick=True, out=tmp_path / "run", epochs=1, lr=1e-3,
-                                                eval_every=1, batch_size=4, seed=5, progress=False)
+                                                lr_schedule="constant", eval_every=1, batch_size=4, seed=5,
+                                                progress=False)
     metrics = finetune_module.finetune(settings)
     history = metrics["history"]
     run = metrics["settings"]
     assert (run["epochs"], run["lr"], run["batch_size"], run["seed"]) == (1, 1e-3, 4, 5)
+    assert run["lr_schedule"] == "constant" and set(history["step_lr"]) == {1e-3}  # not quick mode's cosine
     assert len(history["epoch_metrics"]["validation_loss"]) == 1  # one epoch, not the default 8
     assert len(history["eval_seen"]) == len(history["step_loss"])  # an evaluation after every step
     assert max(b - a for a, b in zip([0, *history["step_seen"]], history["step_seen"], strict=False)) == 4

@@ -42,6 +42,10 @@ def test_quick_lora_finetune_then_classify(tmp_path):
     assert metrics["saved_file_mb"] < 1.0 and metrics["train_time_s"] > 0
     losses = metrics["history"]["step_loss"]
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5
+    # quick mode's schedule: from lr down a cosine to lr / 10 at the last step
+    rates, lr = metrics["history"]["step_lr"], metrics["settings"]["lr"]
+    assert metrics["settings"]["lr_schedule"] == "cosine" and len(rates) == len(losses)
+    assert rates[0] == lr and rates[-1] == pytest.approx(lr / 10) and rates == sorted(rates, reverse=True)
 
     spam, ham = "Last chance! Claim your guaranteed £250 voucher. Txt CLAIM to 80080", "See you at lunch?"
     result = run_cli("classify", "--run", str(run), spam, ham, cwd=tmp_path)
@@ -85,15 +89,16 @@ def test_options_left_out_keep_the_library_defaults_and_given_ones_are_honoured(
     assert FinetuneSettings.from_options(**options) == FinetuneSettings()  # defaults live in the dataclass
 
     given = ["finetune", "--method", "dora", "--model-name", "gpt2-medium", "--epochs", "1", "--lr", "1e-3",
-             "--rank", "4", "--alpha", "8", "--batch-size", "2", "--seed", "7", "--eval-every", "3",
+             "--lr-schedule", "cosine", "--rank", "4", "--alpha", "8", "--batch-size", "2", "--seed", "7",
+             "--eval-every", "3",
              "--data-path", str(tmp_path / "sms"), "--weights-path", str(tmp_path / "w.safetensors"),
              "--out", str(tmp_path / "run"), "--overwrite", "--bucket", "--quick", "--no-progress",
              "--device", "cpu", "--precision", "bf16"]
     options = {k: v for k, v in vars(parse(given)).items() if k not in ("command", "compare")}
     settings = FinetuneSettings.from_options(**options)
     assert settings == FinetuneSettings(
-        method="dora", model_name="gpt2-medium", epochs=1, lr=1e-3, batch_size=2, seed=7, eval_every=3,
-        lora_config=LoRAConfig(rank=4, alpha=8.0, modules_to_save=("out_head",)),
+        method="dora", model_name="gpt2-medium", epochs=1, lr=1e-3, lr_schedule="cosine", batch_size=2,
+        seed=7, eval_every=3, lora_config=LoRAConfig(rank=4, alpha=8.0, modules_to_save=("out_head",)),
         data_path=tmp_path / "sms", weights_path=tmp_path / "w.safetensors", out=tmp_path / "run",
         overwrite=True, bucket=True, quick=True, progress=False, device="cpu", precision="bf16")
     # --random-init, left out above, contradicts --weights-path (refused, see tests/test_bad_input.py)

@@ -60,9 +60,12 @@ def test_a_lora_run_with_masked_prompts_exports_to_peft_for_gpt2lmheadmodel(tmp_
     few = InstructionSplits(splits.train[:16], splits.validation[:4], splits.test[:4])  # an epoch of 8 steps
     monkeypatch.setattr(instruct_module, "load_instruction_splits", lambda *args, **options: few)
     run = tmp_path / "lora"
-    assert main(["instruct", "--quick", "--epochs", "1", "--mask-prompt", "--out", str(run),
-                 "--no-progress"]) == 0
-    assert read_record(run, "instruct").settings["mask_prompt"] is True
+    assert main(["instruct", "--quick", "--epochs", "1", "--mask-prompt", "--lr-schedule", "cosine", "--out",
+                 str(run), "--no-progress"]) == 0
+    settings = read_record(run, "instruct").settings
+    assert settings["mask_prompt"] is True and settings["lr_schedule"] == "cosine"  # quick default: constant
+    rates = json.loads((run / "metrics.json").read_text())["history"]["step_lr"]
+    assert rates[0] == settings["lr"] and rates[-1] == pytest.approx(settings["lr"] / 10)
     out = tmp_path / "lora-hf"
     assert main(["export", "--run", str(run), "--out", str(out)]) == 0
     config = json.loads((out / "adapter_config.json").read_text())
