@@ -59,6 +59,11 @@ figures: $(VENV)/.installed
 # Two test processes side by side (pytest-xdist), one thread each; TEST_WORKERS=0 runs them in this process.
 # The 20 slowest tests are listed at the end (benchmarks/RESULTS.md has the times per file).
 TEST_WORKERS ?= 2
+# glibc's malloc hands freed blocks of a few MB back to the system and faults them in again, page by page, on
+# the next training step; these keep blocks of up to 32 MiB for reuse in every process the tests start
+# (notebook kernels included). Linux only; elsewhere they are ignored. Timings: benchmarks/RESULTS.md.
+test: export MALLOC_MMAP_THRESHOLD_ := 33554432
+test: export MALLOC_TRIM_THRESHOLD_ := 1073741824
 test: $(VENV)/.installed-test
 	$(BIN)/python -m ruff check .
 	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist worksteal --durations=20
