@@ -32,21 +32,16 @@ from pathlib import Path
 
 import torch
 from common import machine_description, process_memory_mb  # benchmarks/ is on the path when run as a script
-from torch import nn
 
 from llm_scratch.checkpoint import infer_config, normalize_keys, read_checkpoint_header
 from llm_scratch.config import PRESETS, QUICK_PRESET
+from llm_scratch.lora import LoRAConfig, find_lora_targets
 from llm_scratch.model import GPTModel
 from llm_scratch.nf4 import quantize_linears
 from llm_scratch.pretrained import load_gpt2, save_gpt2_safetensors
 
 WAYS = ("float32", "float32, then quantized", "4-bit while reading")
-
-
-def block_linears(model: nn.Module) -> list[str]:
-    """The names of every Linear layer of the blocks: what QLoRA stores in 4 bits."""
-    return [name for name, module in model.named_modules()
-            if isinstance(module, nn.Linear) and name.startswith("blocks.")]
+QLORA = LoRAConfig(quantize_base="nf4")  # its targets, every Linear of the blocks, are stored in 4 bits
 
 
 def shapes_only(weights: Path) -> GPTModel:
@@ -59,10 +54,10 @@ def shapes_only(weights: Path) -> GPTModel:
 def load(way: str, weights: Path) -> GPTModel:
     """The model in `weights`, loaded the `way` named."""
     if way == "4-bit while reading":
-        return load_gpt2(weights_path=weights, nf4_layers=block_linears(shapes_only(weights)))
+        return load_gpt2(weights_path=weights, nf4_layers=find_lora_targets(shapes_only(weights), QLORA))
     model = load_gpt2(weights_path=weights)
     if way == "float32, then quantized":
-        quantize_linears(model, block_linears(model))
+        quantize_linears(model, find_lora_targets(model, QLORA))
     return model
 
 
