@@ -87,6 +87,8 @@ def test_options_left_out_keep_the_library_defaults_and_given_ones_are_honoured(
     parse = build_parser().parse_args
     options = {k: v for k, v in vars(parse(["finetune"])).items() if k != "command"}
     assert FinetuneSettings.from_options(**options) == FinetuneSettings()  # defaults live in the dataclass
+    schedules = [FinetuneSettings(quick=q, device="cpu").resolved().lr_schedule for q in (False, True)]
+    assert schedules == ["constant", "cosine"]  # full mode's measured runs kept their constant rate
 
     given = ["finetune", "--method", "dora", "--model-name", "gpt2-medium", "--epochs", "1", "--lr", "1e-3",
              "--lr-schedule", "cosine", "--rank", "4", "--alpha", "8", "--batch-size", "2", "--seed", "7",
