@@ -161,6 +161,7 @@ def test_sigkill_at_random_moments_leaves_the_old_finetune_run_or_the_new_one(ol
         return "old" if seed == 1 else "new"
 
     outcomes = kill_at_random_moments(tmp_path, old_run, new_run, 24, "adapter.safetensors", which_run)
+    print(f"24 kills: {dict(outcomes)}")  # (when it was killed, what the folder held): times
     expected.setdefault(2, classify_with_run(tmp_path / "reference", messages))
     assert expected[1] != expected[2]  # the two runs are told apart by their predictions
     assert sum(outcomes.values()) == 24
@@ -217,6 +218,7 @@ def test_sigkill_at_random_moments_leaves_the_old_pretraining_run_or_the_new_one
 
     outcomes = kill_at_random_moments(tmp_path, old_pretraining_run, args_for, 20, "model.safetensors",
                                       which_run)
+    print(f"20 kills: {dict(outcomes)}")  # (when it was killed, what the folder held): times
     assert sum(outcomes.values()) == 20 and not any(o.startswith("refused") for _, o in outcomes)
     assert sum(n for (when, _), n in outcomes.items() if when == "while saving its files") >= 5
 
